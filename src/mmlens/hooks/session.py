@@ -1,0 +1,153 @@
+"""Register hooks for a set of sites on enter, remove every one of them on exit, also when the run raises."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .attention import HFAttentionTap, PatternHandler, flush, tap_processor
+from .context import HookContext
+from .sites import Site
+from .values import from_view, get_input, get_output, set_input, set_output, to_view
+
+HookFn = Callable[[torch.Tensor, HookContext], torch.Tensor | None]
+
+
+def _is_diffusers_attention(module: torch.nn.Module) -> bool:
+    return hasattr(module, "processor") and hasattr(module, "set_processor")
+
+
+class HookSession:
+    """Plain torch hooks on exactly the requested sites, like baukit's TraceDict.
+
+    `fns[name]` run in order on the site's value (in its canonical view); one that returns a tensor replaces
+    the value for the rest of the chain and for the model. `captures[name]` then see the final value once per
+    module call. `enabled(site)` false makes that site's hooks a pass-through (diffusion step ranges).
+    """
+
+    def __init__(
+        self,
+        sites: dict[str, Site],
+        fns: dict[str, list[HookFn]],
+        captures: dict[str, list[HookFn]] | None = None,
+        *,
+        context: Callable[[Site], HookContext] | None = None,
+        enabled: Callable[[Site], bool] | None = None,
+        attn_rows=None,
+        attn_heads=None,
+    ):
+        self.sites = sites
+        self.fns = fns
+        self.captures = captures or {}
+        self.context = context or (lambda s: HookContext(s.name, s.path))
+        self.enabled = enabled or (lambda site: True)
+        self.attn_rows, self.attn_heads = attn_rows, attn_heads
+        self._handles: list = []
+        self._restore: list[Callable[[], None]] = []
+        self._entered = False
+
+    # -------------------------------------------------------------------------------------------------- plumbing
+    def __enter__(self) -> HookSession:
+        if self._entered:
+            raise RuntimeError("a HookSession cannot be entered twice")
+        self._entered = True
+        try:
+            self._register()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._remove()
+        return False
+
+    def _remove(self) -> None:
+        for h in reversed(self._handles):
+            h.remove()
+        self._handles.clear()
+        for undo in reversed(self._restore):
+            undo()
+        self._restore.clear()
+
+    def _run_chain(self, site: Site, value: torch.Tensor) -> torch.Tensor | None:
+        ctx = self.context(site)
+        new = None
+        for fn in self.fns.get(site.name, ()):
+            out = fn(value if new is None else new, ctx)
+            if out is not None:
+                new = out
+        for fn in self.captures.get(site.name, ()):
+            fn(value if new is None else new, ctx)
+        return new
+
+    # ------------------------------------------------------------------------------------------------ per kind
+    def _register(self) -> None:
+        names = list(dict.fromkeys([*self.fns, *self.captures]))
+        pattern_sites = []
+        for name in names:
+            site = self.sites[name]
+            if site.row.read == "out":
+                self._handles.append(site.module.register_forward_hook(self._out_hook(site), with_kwargs=True))
+            elif site.row.read == "in":
+                self._handles.append(site.module.register_forward_pre_hook(self._in_hook(site), with_kwargs=True))
+            else:
+                pattern_sites.append(site)
+        if pattern_sites:
+            self._register_patterns(pattern_sites)
+
+    def _out_hook(self, site: Site):
+        def hook(module, args, kwargs, output):
+            if not self.enabled(site):
+                return None
+            full = get_output(site, output)
+            if full is None:  # e.g. the text stream of SD3's last block (context_pre_only) returns None
+                return None
+            new = self._run_chain(site, to_view(site, full))
+            return None if new is None else set_output(site, output, from_view(site, new, full))
+
+        return hook
+
+    def _in_hook(self, site: Site):
+        def hook(module, args, kwargs):
+            if not self.enabled(site):
+                return None
+            full = get_input(site, args, kwargs)
+            new = self._run_chain(site, to_view(site, full))
+            return None if new is None else set_input(site, args, kwargs, from_view(site, new, full))
+
+        return hook
+
+    def _register_patterns(self, sites: list[Site]) -> None:
+        hf: dict[int, PatternHandler] = {}
+        hf_modules = []
+        for site in sites:
+            handler = PatternHandler(site, list(self.fns.get(site.name, ())), self.context, self.attn_rows, self.attn_heads,
+                                     lambda s=site: self.enabled(s))
+            captures = self.captures.get(site.name, ())
+            module = site.module
+            if _is_diffusers_attention(module):
+                orig = module.processor
+                module.processor = tap_processor(orig, handler)
+                self._restore.append(lambda m=module, p=orig: setattr(m, "processor", p))
+            else:
+                hf[id(module)] = handler
+                hf_modules.append(module)
+            self._handles.append(module.register_forward_hook(self._flush_hook(handler, captures)))
+        if hf:
+            tap = HFAttentionTap(hf, hf_modules)
+            tap.__enter__()
+            self._restore.append(lambda: tap.__exit__(None, None, None))
+
+    def _flush_hook(self, handler: PatternHandler, captures):
+        def hook(module, args, output):
+            value = flush(handler)
+            if value is None or not self.enabled(handler.site):
+                return None
+            ctx = self.context(handler.site)
+            for fn in captures:
+                fn(value, ctx)
+            return None
+
+        return hook

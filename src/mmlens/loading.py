@@ -1,0 +1,93 @@
+"""`mmlens.load`: a local folder or a loaded object -> Lens, through the real `from_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .lens import Lens
+from .models.registry import adapter_for
+
+log = logging.getLogger(__name__)
+
+
+def _class_of_folder(folder: Path) -> tuple[str, str]:
+    """('transformers' | 'diffusers', class name) from config.json / model_index.json."""
+    index = folder / "model_index.json"
+    if index.exists():
+        return "diffusers", json.loads(index.read_text())["_class_name"]
+    config = folder / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(
+            f"{folder} holds neither config.json (transformers) nor model_index.json (diffusers pipeline)"
+        )
+    cfg = json.loads(config.read_text())
+    archs = cfg.get("architectures") or []
+    if archs:
+        return "transformers", archs[0]
+    if "_class_name" in cfg:
+        return "diffusers", cfg["_class_name"]
+    raise ValueError(f"{config} names no architecture (no 'architectures' field); load the model yourself and "
+                     "pass the object to mmlens.load")
+
+
+def _load_processor(folder: Path):
+    """The folder's processor, else its tokenizer / image processor; None when it has none that loads."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    for loader in (AutoProcessor, AutoTokenizer, AutoImageProcessor):
+        try:
+            return loader.from_pretrained(folder)
+        except Exception as err:  # noqa: BLE001  a missing processor is normal for bare checkpoints
+            log.debug("%s could not load from %s: %s", loader.__name__, folder, err)
+    return None
+
+
+def _load_pipeline(folder: Path, class_name: str, kwargs: dict):
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ValueError(f"diffusers has no pipeline class {class_name!r} (model_index.json in {folder})")
+    index = json.loads((folder / "model_index.json").read_text())
+    for comp, spec in index.items():  # components saved as None (e.g. SD3 without T5) must be passed as None
+        if not comp.startswith("_") and isinstance(spec, list) and spec[0] is None and comp not in kwargs:
+            kwargs[comp] = None
+    return cls.from_pretrained(folder, **kwargs)
+
+
+def load(path_or_model: str | os.PathLike | Any, processor: Any = None, **kwargs) -> Lens:
+    """Load a supported model or pipeline from a local folder, or wrap one already loaded.
+
+    Keyword arguments go to `from_pretrained` (`torch_dtype`/`dtype`, `device_map="auto"`,
+    `attn_implementation`, ...). Nothing is downloaded: pass a local folder.
+    """
+    if isinstance(path_or_model, (str, os.PathLike)):
+        folder = Path(path_or_model)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder; mmlens loads local checkpoints only (no hub access)")
+        lib, class_name = _class_of_folder(folder)
+        adapter_cls = adapter_for(class_name)
+        if lib == "diffusers":
+            model = _load_pipeline(folder, class_name, dict(kwargs))
+        else:
+            import transformers
+
+            cls = getattr(transformers, class_name)
+            model = cls.from_pretrained(folder, **kwargs)
+            model.eval()
+            if processor is None:
+                processor = _load_processor(folder)
+        return Lens(model, adapter_cls(model), processor)
+    if kwargs:
+        raise TypeError(f"keyword arguments {sorted(kwargs)} go to from_pretrained; the model is already loaded")
+    model = path_or_model
+    if not isinstance(model, nn.Module) and not hasattr(model, "components"):
+        raise TypeError(f"expected a folder path, a transformers model or a diffusers pipeline; got {type(model).__name__}")
+    adapter_cls = adapter_for(type(model).__name__)
+    return Lens(model, adapter_cls(model), processor)

@@ -1,0 +1,31 @@
+"""PaliGemma: a SigLIP ViT, a linear projector and Gemma; image tokens come first, attended bidirectionally."""
+
+from __future__ import annotations
+
+from ..hooks.sites import Row
+from ..hooks.tokens import TokenMap, grid_positions
+from .base import Adapter
+from .registry import register
+from .towers import clip_like_vision, decoder_lm
+
+
+@register
+class PaliGemmaAdapter(Adapter):
+    name = "paligemma"
+    family = "generative"
+    architectures = ("PaliGemmaForConditionalGeneration",)
+
+    def rows(self) -> list[Row]:
+        return [
+            *clip_like_vision("vision.", "model.vision_tower"),
+            Row("projector.out", "model.multi_modal_projector", layout="(images, image_tokens, d_lm)"),
+            *decoder_lm("lm.", "model.language_model"),
+            Row("logits", "", pick="logits", layout="(batch, seq, vocab)"),
+        ]
+
+    def token_map(self, inputs: dict, processor=None) -> TokenMap:
+        vc = self.model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        k = grid_positions(side * side, side, side)
+        return TokenMap.from_runs(inputs["input_ids"], self.model.config.image_token_id, [k], processor,
+                                  per_image=side * side)

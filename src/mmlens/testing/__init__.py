@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and the demo: tiny random models built from configs, never from a hub."""
