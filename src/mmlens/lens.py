@@ -89,7 +89,8 @@ class Lens:
         """Hooks alive for the `with` block only, removed on exit also when the block raises.
 
         `fns` maps names or globs to `fn(value, ctx)`; a function returning a tensor replaces the value.
-        `attn_rows`/`attn_heads` restrict computed attention probabilities to those query rows / heads.
+        `attn_rows`/`attn_heads` restrict computed attention probabilities to those query rows / heads (the same
+        positions in every batch row); a dict `{glob: selection}` sets them per site.
         Diffusion: `steps` limits denoiser hooks to those step indices (text-encoder hooks always fire);
         `guidance` says whether the denoiser batch holds [uncond, cond] halves (default: ask the pipeline).
         """
@@ -111,12 +112,17 @@ class Lens:
             return HookContext(site.name, site.path)
 
         session = HookSession(self.sites, fn_map, cap_map, context=context, enabled=enabled,
-                              attn_rows=attn_rows, attn_heads=attn_heads)
+                              attn_rows=self._per_site(attn_rows), attn_heads=self._per_site(attn_heads))
         with contextlib.ExitStack() as stack:
             if denoiser is not None:
                 stack.enter_context(self._track_steps(guidance))
             stack.enter_context(session)
             yield session
+
+    def _per_site(self, sel):
+        if not isinstance(sel, Mapping):
+            return sel
+        return {name: v for pattern, v in sel.items() for name in self.resolve(pattern)}
 
     def _expand_map(self, fns: Mapping[str, HookFn | Sequence[HookFn]]) -> dict[str, list[HookFn]]:
         out: dict[str, list[HookFn]] = {}

@@ -123,7 +123,8 @@ class HookSession:
         hf: dict[int, PatternHandler] = {}
         hf_modules = []
         for site in sites:
-            handler = PatternHandler(site, list(self.fns.get(site.name, ())), self.context, self.attn_rows, self.attn_heads,
+            rows, heads = (sel.get(site.name) if isinstance(sel, dict) else sel for sel in (self.attn_rows, self.attn_heads))
+            handler = PatternHandler(site, list(self.fns.get(site.name, ())), self.context, rows, heads,
                                      lambda s=site: self.enabled(s))
             captures = self.captures.get(site.name, ())
             module = site.module

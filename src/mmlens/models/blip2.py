@@ -44,7 +44,9 @@ class Blip2Adapter(Adapter):
             lm = [Row("lm.encoder.blocks.{i}.resid_post", "language_model.encoder.block.{i}", layout="(batch, seq, d)"),
                   Row("lm.blocks.{i}.resid_post", "language_model.decoder.block.{i}", layout="(batch, seq, d)")]
         return [
-            *clip_like_vision("vision.", "vision_model", FUSED_QKV_BLOCK),
+            # post_layernorm runs twice in BLIP-2 (all tokens, then pooled CLS): read the tower's output instead
+            *[r for r in clip_like_vision("vision.", "vision_model", FUSED_QKV_BLOCK) if r.name != "vision.ln_post"],
+            Row("vision.ln_post", "vision_model", pick=0, layout="(batch, seq, d_model): what the Q-Former reads"),
             Row("qformer.query_tokens", "qformer.layernorm", layout="(batch, queries, d_q): normalised query tokens"),
             *qformer_rows(),
             Row("qformer.out", "qformer", pick=0, layout="(batch, queries, d_q)"),

@@ -12,10 +12,11 @@ def dual_encoder_rows(model, vision_cls: str, text_cls: str) -> list[Row]:
     """Rows of a CLIP-shaped dual encoder or of one of its towers, found by the sub-modules present."""
     rows: list[Row] = []
     cls = type(model).__name__
+    pooled = vision_cls.startswith("CLIP")
     if has(model, "vision_model"):
-        rows += clip_like_vision("vision.", "vision_model")
+        rows += clip_like_vision("vision.", "vision_model", pooled_ln_post=pooled)
     elif cls.startswith(vision_cls):
-        rows += clip_like_vision("vision.", "")
+        rows += clip_like_vision("vision.", "", pooled_ln_post=pooled)
     if has(model, "text_model"):
         rows += clip_like_text("text.", "text_model")
     elif cls.startswith(text_cls):

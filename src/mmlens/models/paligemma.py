@@ -17,7 +17,7 @@ class PaliGemmaAdapter(Adapter):
 
     def rows(self) -> list[Row]:
         return [
-            *clip_like_vision("vision.", "model.vision_tower"),
+            *clip_like_vision("vision.", "model.vision_tower", pooled_ln_post=False),
             Row("projector.out", "model.multi_modal_projector", layout="(images, image_tokens, d_lm)"),
             *decoder_lm("lm.", "model.language_model"),
             Row("logits", "", pick="logits", layout="(batch, seq, vocab)"),

@@ -269,14 +269,15 @@ def sample_inputs(name: str, lens, batch: int = 1, seed: int = 0) -> dict:
         pad = "max_length" if name == "siglip" else True
         return dict(p(text=texts, images=images, return_tensors="pt", padding=pad))
     if name in ("llava", "llava_full"):
-        prompts = ["<image> what colour is the square ?", "<image> is there a red circle ?"]
+        prompts = ["<image> what colour is the square ?", "<image> is there a red circle on the left ?"]
         return dict(p(text=[prompts[k % 2] for k in range(batch)], images=images, return_tensors="pt", padding=True))
     if name == "paligemma":
         return dict(p(text=["what colour"] * batch, images=images, return_tensors="pt"))
     if name == "blip2":
         return dict(p(text=["what colour is it"] * batch, images=images, return_tensors="pt"))
     if name == "qwen2_vl":
-        return qwen2_vl_inputs(lens, images, ["what colour is the square ?"] * batch)
+        texts = ["what colour is the square ?", "is there a red circle on the left ?"]
+        return qwen2_vl_inputs(lens, images, [texts[k % 2] for k in range(batch)])
     raise ValueError(f"no sample inputs for {name!r}")
 
 
