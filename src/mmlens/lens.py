@@ -84,6 +84,7 @@ class Lens:
         attn_rows=None,
         attn_heads=None,
         steps: Iterable[int] | None = None,
+        record_steps: Iterable[int] | None = None,
         guidance: bool | None = None,
     ) -> Iterator[HookSession]:
         """Hooks alive for the `with` block only, removed on exit also when the block raises.
@@ -91,19 +92,30 @@ class Lens:
         `fns` maps names or globs to `fn(value, ctx)`; a function returning a tensor replaces the value.
         `attn_rows`/`attn_heads` restrict computed attention probabilities to those query rows / heads (the same
         positions in every batch row); a dict `{glob: selection}` sets them per site.
-        Diffusion: `steps` limits denoiser hooks to those step indices (text-encoder hooks always fire);
-        `guidance` says whether the denoiser batch holds [uncond, cond] halves (default: ask the pipeline).
+        Diffusion: `steps` limits denoiser hooks (`fns`) and `record_steps` denoiser captures to those step
+        indices; text-encoder hooks always fire. `guidance` says whether the denoiser batch holds
+        [uncond, cond] halves (default: ask the pipeline).
         """
-        fn_map = self._expand_map(fns or {})
-        cap_map = self._expand_map(captures or {})
-        step_set = None if steps is None else set(steps)
         denoiser = getattr(self.adapter, "denoiser", None)
 
         def is_denoiser(site: Site) -> bool:
             return denoiser is not None and (site.path.startswith(denoiser + ".") or site.path == denoiser)
 
+        def at(step_set: set[int] | None, fn: HookFn) -> HookFn:
+            def gated(value, ctx):
+                return fn(value, ctx) if ctx.step is None or ctx.step in step_set else None
+            return fn if step_set is None else gated
+
+        fire, record = (None if s is None else set(s) for s in (steps, record_steps))
+        fn_map = {n: [at(fire, f) for f in fs] for n, fs in self._expand_map(fns or {}).items()}
+        cap_map = {n: [at(record, f) for f in fs] for n, fs in self._expand_map(captures or {}).items()}
+
         def enabled(site: Site) -> bool:
-            return step_set is None or not is_denoiser(site) or self._state.step in step_set
+            if not is_denoiser(site):
+                return True
+            step = self._state.step
+            return bool(site.name in fn_map and (fire is None or step in fire)
+                        or site.name in cap_map and (record is None or step in record))
 
         def context(site: Site) -> HookContext:
             if is_denoiser(site):
@@ -156,8 +168,12 @@ class Lens:
     # ------------------------------------------------------------------------------------------------- runs
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first real device of an accelerate device map, else the first parameter's."""
         m = self.model if isinstance(self.model, nn.Module) else getattr(self.model, self.adapter.denoiser)
-        return next(m.parameters()).device
+        for dev in (getattr(m, "hf_device_map", None) or {}).values():
+            if dev not in ("disk", "meta"):
+                return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+        return next(p.device for p in m.parameters() if p.device.type != "meta")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -215,6 +231,7 @@ class Lens:
         names: Names = None,
         hooks: Mapping[str, HookFn | Sequence[HookFn]] | None = None,
         steps: Iterable[int] | None = None,
+        record_steps: Iterable[int] | None = None,
         cache_device: str | torch.device | None = None,
         cache_dtype: torch.dtype | None = None,
         attn_rows=None,
@@ -223,7 +240,7 @@ class Lens:
     ) -> tuple[Any, StepCache]:
         """Run the diffusion pipeline, recording `names` at every denoising step and guidance branch.
 
-        `steps` limits both recording and `hooks` on denoiser sites to those step indices (0-based).
+        `steps` limits `hooks` on denoiser sites to those step indices (0-based), `record_steps` the recording.
         Returns the pipeline output and a StepCache (`cache.get(name, step=t, branch="cond")`).
         """
         if self.family != "diffusion":
@@ -235,7 +252,8 @@ class Lens:
         cfg = None if guidance is None else guidance > 1
         cache = StepCache(cache_device, cache_dtype)
         caps = {n: [lambda v, ctx: cache.record_ctx(ctx.name, v, ctx)] for n in self.resolve(names)}
-        with self.hooks(hooks, captures=caps, attn_rows=attn_rows, attn_heads=attn_heads, steps=steps, guidance=cfg):
+        with self.hooks(hooks, captures=caps, attn_rows=attn_rows, attn_heads=attn_heads, steps=steps,
+                        record_steps=record_steps, guidance=cfg):
             with torch.no_grad():
                 output = self.model(**pipe_kwargs)
         return output, cache

@@ -252,37 +252,37 @@ class _TapProcessor:
         if not self.handler.enabled():
             return self.orig(attn, *args, **kwargs)
         g = getattr(type(self.orig).__call__, "__globals__", {})
-        if g.get("F") is F:
+        patch_f = g.get("F") is F
+        if not patch_f and not hasattr(attn, "get_attention_scores"):
+            raise NotImplementedError(
+                f"{self.handler.site.name}: cannot tap attention probabilities of processor {type(self.orig).__name__}; "
+                "supported: processors that call F.scaled_dot_product_attention (AttnProcessor2_0, "
+                "JointAttnProcessor2_0, ...) or attn.get_attention_scores (the classic AttnProcessor)"
+            )
+        # Observe both kernels a processor may use; only the one it calls records anything.
+        orig_scores = attn.get_attention_scores
+        attn.get_attention_scores = self._scores(attn, orig_scores)
+        if patch_f:
             g["F"] = _FunctionalProxy(self._sdpa)
-            try:
-                return self.orig(attn, *args, **kwargs)
-            finally:
-                g["F"] = F
-        if type(self.orig).__name__ == "AttnProcessor":
-            return self._classic(attn, *args, **kwargs)
-        raise NotImplementedError(
-            f"{self.handler.site.name}: cannot tap attention probabilities of processor {type(self.orig).__name__}; "
-            "supported: processors that call F.scaled_dot_product_attention (AttnProcessor2_0, "
-            "JointAttnProcessor2_0, ...) and the classic AttnProcessor"
-        )
-
-    def _classic(self, attn, *args, **kwargs):
-        """The classic processor computes probabilities with `attn.get_attention_scores` (batch*heads, q, k)."""
-        h, orig_scores = self.handler, attn.get_attention_scores
-
-        def scores(query, key, attention_mask=None):
-            probs = orig_scores(query, key, attention_mask)
-            b = probs.shape[0] // attn.heads
-            probs4 = probs.unflatten(0, (b, attn.heads))
-            edited = h.fire(h.select(probs4))
-            h.pending.append(h.select(probs4) if edited is None else edited)
-            return probs if edited is None else edited.flatten(0, 1)
-
-        attn.get_attention_scores = scores
         try:
             return self.orig(attn, *args, **kwargs)
         finally:
+            if patch_f:
+                g["F"] = F
             del attn.get_attention_scores
+
+    def _scores(self, attn, orig_scores):
+        """The classic processor computes probabilities with `attn.get_attention_scores` (batch*heads, q, k)."""
+        h = self.handler
+
+        def scores(query, key, attention_mask=None):
+            probs = orig_scores(query, key, attention_mask)
+            probs4 = probs.unflatten(0, (probs.shape[0] // attn.heads, attn.heads))
+            edited = h.fire(h.select(probs4))
+            h.pending.append(h.select(probs4) if edited is None else edited)
+            return probs if edited is None else edited.flatten(0, 1).to(probs.dtype)
+
+        return scores
 
 
 def tap_processor(orig, handler: PatternHandler):
