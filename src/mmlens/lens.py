@@ -35,6 +35,8 @@ class Lens:
         self.processor = processor
         self.adapter = adapter
         self.sites: dict[str, Site] = expand(adapter.rows(), adapter.root())
+        self._names = natural_sorted(self.sites)
+        self._name_set = frozenset(self._names)
         self._state = StepState()
 
     # ---------------------------------------------------------------------------------------------- naming
@@ -48,8 +50,9 @@ class Lens:
 
     def hook_points(self, pattern: str | None = None) -> list[str]:
         """Every canonical name (natural order), or those matching a glob."""
-        names = natural_sorted(self.sites)
-        return names if pattern is None else resolve(pattern, names, where=self._table_file())
+        if pattern is None:
+            return list(self._names)
+        return resolve(pattern, self._names, where=self._table_file(), valid_set=self._name_set)
 
     def describe(self) -> str:
         """Hook points folded by block index: `vision.blocks.{0..23}.resid_post`."""
@@ -68,8 +71,8 @@ class Lens:
 
     def resolve(self, names: Names) -> list[str]:
         if names is None:
-            return [n for n in self.hook_points() if self.sites[n].row.read != "pattern"]
-        return resolve(names, self.hook_points(), where=self._table_file())
+            return [n for n in self._names if self.sites[n].row.read != "pattern"]
+        return resolve(names, self._names, where=self._table_file(), valid_set=self._name_set)
 
     def _table_file(self) -> str:
         return f"the name table in {type(self.adapter).__module__.replace('.', '/')}.py"

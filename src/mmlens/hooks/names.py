@@ -26,18 +26,24 @@ def close_matches(name: str, valid: Iterable[str], n: int = 5) -> list[str]:
     return found
 
 
-def resolve(patterns: str | Iterable[str], valid: Iterable[str], where: str = "") -> list[str]:
-    """Expand names and globs (`lm.blocks.*.resid_post`) against `valid`; unknown names raise ValueError."""
+def resolve(patterns: str | Iterable[str], valid: Iterable[str], where: str = "",
+            valid_set: set[str] | frozenset[str] | None = None) -> list[str]:
+    """Expand names and globs (`lm.blocks.*.resid_post`) against `valid`; unknown names raise ValueError.
+
+    Glob hits come in natural order (`blocks.2` before `blocks.10`).
+    """
     if isinstance(patterns, str):
         patterns = [patterns]
-    valid = list(valid)
-    valid_set = set(valid)
+    valid_set = set(valid) if valid_set is None else valid_set
+    if all(p in valid_set for p in patterns):  # the hot path: exact names
+        return list(dict.fromkeys(patterns))
+    valid = natural_sorted(valid)
     out: list[str] = []
     for pat in patterns:
         if pat in valid_set:
             hits = [pat]
         elif any(c in pat for c in "*?["):
-            hits = natural_sorted(v for v in valid if fnmatch.fnmatchcase(v, pat))
+            hits = [v for v in valid if fnmatch.fnmatchcase(v, pat)]
         else:
             hits = []
         if not hits:
