@@ -29,6 +29,9 @@ def _quiet():
     diffusers.utils.logging.disable_progress_bar()
 
 
+_quiet()
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """tiny_folder(name) -> a folder holding the saved tiny model (built on first use)."""
