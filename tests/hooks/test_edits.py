@@ -9,15 +9,20 @@ from mmlens.testing.tiny_models import sample_inputs
 from tests.conftest import hook_counts
 
 
+def plain_run(lens, inputs, module, hook, *, pre=False, field="logits"):
+    """The reference: the model run with one plain torch hook, removed afterwards."""
+    handle = module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
+    try:
+        return getattr(lens(inputs), field)
+    finally:
+        handle.remove()
+
+
 def test_output_edit_equals_plain_forward_hook(tiny_lens):
     lens = tiny_lens("llava")
     inputs = sample_inputs("llava", lens)
     mlp = lens.model.model.language_model.layers[0].mlp
-    handle = mlp.register_forward_hook(lambda m, a, out: out * 0.5 + 1.0)
-    try:
-        ref = lens(inputs).logits
-    finally:
-        handle.remove()
+    ref = plain_run(lens, inputs, mlp, lambda m, a, out: out * 0.5 + 1.0)
     with lens.hooks({"lm.blocks.0.mlp.out": lambda x, ctx: x * 0.5 + 1.0}):
         out = lens(inputs).logits
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
@@ -34,11 +39,7 @@ def test_input_edit_equals_plain_pre_hook(tiny_lens):
         x[..., 7] = 0
         return (x,)
 
-    handle = down.register_forward_pre_hook(pre)
-    try:
-        ref = lens(inputs).logits
-    finally:
-        handle.remove()
+    ref = plain_run(lens, inputs, down, pre, pre=True)
 
     def ablate(x, ctx):
         x = x.clone()
@@ -62,11 +63,7 @@ def test_head_view_edit_equals_flat_edit(tiny_lens):
         x[..., 16:32] = 0
         return (x,)
 
-    handle = o.register_forward_pre_hook(pre)
-    try:
-        ref = lens(inputs).image_embeds
-    finally:
-        handle.remove()
+    ref = plain_run(lens, inputs, o, pre, pre=True, field="image_embeds")
 
     def zero(z, ctx):
         assert z.shape[-2:] == (4, 16) and ctx.name == "vision.blocks.0.attn.z"
@@ -89,11 +86,7 @@ def test_fused_qkv_edit_writes_only_its_slice(tiny_lens):
         out[..., 64:128] *= 2  # the k third
         return out
 
-    handle = qkv.register_forward_hook(post)
-    try:
-        ref = lens(inputs).logits
-    finally:
-        handle.remove()
+    ref = plain_run(lens, inputs, qkv, post)
     with lens.hooks({"vision.blocks.0.attn.k": lambda k, ctx: k * 2}):
         out = lens(inputs).logits
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
