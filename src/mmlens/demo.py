@@ -1,8 +1,5 @@
-"""`mmlens demo`: one model per family through the hook layer, written up as an HTML report.
-
-Until the trained organisms ship, the models are tiny random ones built from configs (the same classes a
-full checkpoint uses), so the figures show the machinery, not learned mechanisms.
-"""
+"""`mmlens demo`: the shipped organisms (or, where one is missing, a tiny random model of the same class)
+through the hook layer, written up as one self-contained HTML report."""
 
 from __future__ import annotations
 
@@ -11,80 +8,135 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import organisms
 from .loading import load
 from .testing.tiny_models import build, sample_inputs
 from .viz.report import Report
+from .world import make_scene, single_object_scene
 
-FAMILIES = {"contrastive": "clip", "generative": "llava", "diffusion": "sd"}
+FAMILIES = {"contrastive": ("clip", "clip"), "generative": ("vlm", "llava"), "diffusion": ("diffusion", "sd")}
 
 
-def _heatmap(values, title: str):
+def _fig(images, titles, cmap=None, size=1.8):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3, 3))
-    ax.imshow(values, cmap="viridis")
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
+    fig, axes = plt.subplots(1, len(images), figsize=(size * len(images), size + 0.3), squeeze=False)
+    for ax, im, t in zip(axes[0], images, titles):
+        ax.imshow(im, cmap=cmap)
+        ax.set_title(t, fontsize=7)
+        ax.axis("off")
     return fig
 
 
-def _section(report: Report, family: str, name: str, folder: Path) -> None:
-    t0 = time.perf_counter()
-    lens = load(folder)
-    report.heading(f"{family}: {type(lens.model).__name__} ({name})")
-    report.text(f"{len(lens.hook_points())} hook points, folded by block index:")
-    report.code(lens.describe())
-    if family == "diffusion":
-        out, cache = lens.generate("a red square", num_inference_steps=4, guidance_scale=3.0, height=32, width=32,
-                                   output_type="np", names=["unet.*.cross.probs", "unet.*.resid_post",
-                                                            "text_encoder.blocks.*.resid_post"])
-        report.figure(_heatmap(out.images[0], "sample"), "generated image (random weights)")
-        probs = cache.get("unet.up.1.attn.0.cross.probs", step=3, branch="cond")  # (1, heads, hw, tokens)
-        side = int(probs.shape[2] ** 0.5)
-        for tok in (1, 2, 3):
-            report.figure(_heatmap(probs[0, :, :, tok].mean(0).reshape(side, side), f"token {tok}"),
-                          "cross-attention, last step, cond branch")
-        rows = [{"step": s, "timestep": round(t, 1)} for s, t in cache.timesteps.items()]
-        report.table(rows)
-    else:
-        inputs = sample_inputs(name, lens)
-        out, cache = lens.run_with_cache(inputs, names=None)
-        _, attn = lens.run_with_cache(inputs, names="*.blocks.0.attn.pattern")
-        if family == "generative":
-            tm = lens.token_map(inputs)
-            report.text("Token map (modality per position):")
-            report.table([{k: r[k] for k in ("pos", "modality", "image", "row", "col", "token")}
-                          for r in tm.to_records()], max_rows=30)
-            last = attn["lm.blocks.0.attn.pattern"][0, :, -1]  # last position over every key
-            img = tm.positions("image")
-            grid = torch.zeros(int(tm.row.max()) + 1, int(tm.col.max()) + 1)
-            keep = tm.row[0, img] >= 0
-            grid[tm.row[0, img][keep], tm.col[0, img][keep]] = last.mean(0)[img][keep].float()
-            report.figure(_heatmap(grid, "last token -> image patches"), "LM block 0 attention, mean over heads")
-        else:
-            p = attn["vision.blocks.0.attn.pattern"][0, :, 0, 1:].mean(0)
-            side = int(p.numel() ** 0.5)
-            report.figure(_heatmap(p.reshape(side, side), "CLS -> patches"), "vision block 0 attention")
-    report.text(f"Cache: {cache!r}")
-    report.table(cache.summary(), max_rows=25)
-    report.text(f"section time {time.perf_counter() - t0:.2f} s")
+def _grid_map(values: torch.Tensor, side: int) -> np.ndarray:
+    return values.float().reshape(side, side).numpy()
+
+
+def _contrastive(report: Report, lens, organism: bool) -> object:
+    if not organism:
+        inputs = sample_inputs("clip", lens)
+        _, cache = lens.run_with_cache(inputs, names=None)
+        return cache
+    from .organisms.clip import PROMPTS
+
+    scenes = [single_object_scene(10_000_000 + k, background=["plain", "stripes", "checker", "dots"][k % 4]) for k in range(6)]
+    inputs = lens.processor(text=PROMPTS, images=[s.pil() for s in scenes], return_tensors="pt", padding=True)
+    out, cache = lens.run_with_cache(inputs, names=["*.resid_post", "vision.blocks.*.attn.pattern", "logits"])
+    preds = [PROMPTS[i] for i in out.logits_per_image.argmax(-1).tolist()]
+    report.figure(_fig([s.image for s in scenes], [f"truth: {s.short_caption}\nsaid: {p}" for s, p in zip(scenes, preds)]),
+                  "zero-shot classification of held-out scenes")
+    last = max(int(n.split(".")[2]) for n in cache if n.startswith("vision.blocks."))
+    pat = cache[f"vision.blocks.{last}.attn.pattern"][:, :, 0, 1:].mean(1)  # CLS -> patches, mean over heads
+    side = int(pat.shape[-1] ** 0.5)
+    report.figure(_fig([_grid_map(p, side) for p in pat], [f"CLS attention, block {last}"] * len(scenes)),
+                  "where the CLS token looks in the last block")
+    return cache
+
+
+def _generative(report: Report, lens, organism: bool) -> object:
+    if not organism:
+        inputs = sample_inputs("llava", lens)
+        _, cache = lens.run_with_cache(inputs, names=None)
+        return cache
+    from .organisms.vlm import PROMPT, answer_first_tokens
+
+    scene = make_scene(10_000_123, n_objects=3, background="plain")
+    qa = scene.questions()
+    answers = answer_first_tokens(lens, [scene] * len(qa), [q for q, *_ in qa])
+    report.figure(_fig([scene.image], [scene.caption[:60]], size=2.6), "held-out scene")
+    report.table([{"question": q, "truth": a, "vlm": p, "ok": "yes" if a == p else "NO"} for (q, a, _), p in zip(qa, answers)])
+    q = next(q for q, _, k in qa if k == "colour_of_shape")
+    lens.processor.tokenizer.padding_side = "left"
+    inputs = lens.processor(text=[PROMPT.format(question=q)], images=[scene.pil()], return_tensors="pt")
+    inputs = {k: (v[:, :-1] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
+    tm = lens.token_map(inputs)
+    _, cache = lens.run_with_cache(inputs, names=["lm.blocks.*.resid_post", "lm.blocks.*.attn.pattern"],
+                                   attn_rows={"lm.blocks.*.attn.pattern": [inputs["input_ids"].shape[1] - 1]})
+    img = tm.positions("image")
+    keep = tm.row[0, img] >= 0
+    maps, titles = [], []
+    for name in lens.hook_points("lm.blocks.*.attn.pattern"):
+        att = cache[name][0, :, 0].mean(0)[img][keep]
+        maps.append(_grid_map(att, int(tm.row.max()) + 1))
+        titles.append(name.replace(".attn.pattern", ""))
+    report.figure(_fig(maps, titles), f"last position of '{q}' attending to image patches (mean over heads)")
+    return cache
+
+
+def _diffusion(report: Report, lens, organism: bool) -> object:
+    prompts = ["a red square", "a blue circle", "a yellow triangle", "a green cross"]
+    size = lens.model.unet.config.sample_size * lens.model.vae_scale_factor
+    out, cache = lens.generate(prompts, num_inference_steps=20 if organism else 4, guidance_scale=3.0, height=size,
+                               width=size, output_type="np", generator=torch.Generator().manual_seed(0),
+                               names=["unet.*.cross.probs", "unet.mid.out", "text_encoder.blocks.*.resid_post"])
+    from .world.judge import classify
+
+    verdicts = [classify((im * 255).round().astype(np.uint8)) for im in out.images]
+    report.figure(_fig(list(out.images), [f"{p}\njudge: {c} {s}" for p, (c, s) in zip(prompts, verdicts)]),
+                  "samples, judged by the world's pixel judge")
+    probs = cache.get("unet.up.1.attn.0.cross.probs", step=cache.steps[-1], branch="cond")  # (prompts, heads, hw, 16)
+    side = int(probs.shape[2] ** 0.5)
+    tok = lens.model.tokenizer
+    maps, titles = [], []
+    for k, p in enumerate(prompts[:2]):
+        words = tok.convert_ids_to_tokens(tok(p)["input_ids"])
+        for j, w in enumerate(words[1:4], start=1):
+            maps.append(_grid_map(probs[k, :, :, j].mean(0), side))
+            titles.append(f"{p}: '{w}'")
+    report.figure(_fig(maps, titles), "cross-attention per prompt word, last step, cond branch (DAAM-style)")
+    report.table([{"step": s, "timestep": round(t, 1)} for s, t in cache.timesteps.items()], max_rows=6)
+    return cache
+
+
+SECTIONS = {"contrastive": _contrastive, "generative": _generative, "diffusion": _diffusion}
 
 
 def run_demo(out: str | os.PathLike = "mmlens-report", quick: bool = False) -> Path:
-    """Build, load and probe one model per family; return the report path."""
+    """Load one model per family, probe it, and return the path of the HTML report."""
     torch.manual_seed(0)
     out = Path(out)
     report = Report("mmlens demo")
-    report.text("Each section loads a model through mmlens.load (the real from_pretrained path), lists its canonical "
-                "hook points, runs it with a cache and draws one attention map.")
+    report.text("Each section loads a model through mmlens.load (the real from_pretrained path), shows what it does "
+                "on the world, lists its canonical hook points and summarises a cache.")
+    shipped = set(organisms.available())
     families = dict(list(FAMILIES.items())[:1]) if quick else FAMILIES
     with tempfile.TemporaryDirectory() as tmp:
-        for family, name in families.items():
-            folder = build(name, Path(tmp) / name)
-            _section(report, family, name, folder)
+        for family, (org, tiny) in families.items():
+            t0 = time.perf_counter()
+            organism = org in shipped
+            lens = organisms.load(org) if organism else load(build(tiny, Path(tmp) / tiny))
+            what = f"the `{org}` organism" if organism else f"a tiny random {tiny} (organism `{org}` not shipped yet)"
+            report.heading(f"{family}: {type(lens.model).__name__}, {what}")
+            cache = SECTIONS[family](report, lens, organism)
+            report.text(f"{len(lens.hook_points())} hook points, folded by block index:")
+            report.code(lens.describe())
+            report.text(f"Cache: {cache!r}")
+            report.table(cache.summary(), max_rows=20)
+            report.text(f"section time {time.perf_counter() - t0:.2f} s")
     return report.save(out / "index.html")

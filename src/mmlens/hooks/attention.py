@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
 
 from .context import HookContext
 from .sites import Site
@@ -32,7 +34,7 @@ from .sites import Site
 Selection = Sequence[int] | torch.Tensor | slice | None
 
 
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+def repeat_kv(x: Float[Tensor, "b kv n d"], groups: int) -> Float[Tensor, "b h n d"]:
     """(b, kv_heads, n, d) -> (b, kv_heads * groups, n, d), as grouped-query attention shares k and v."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -46,15 +48,15 @@ def _index(sel: Selection, size: int, device) -> torch.Tensor | None:
 
 
 def attention_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    q: Float[Tensor, "b h nq d"],
+    k: Float[Tensor, "b kv nk d"],
     *,
     scale: float | None = None,
-    mask: torch.Tensor | None = None,
+    mask: Tensor | None = None,
     is_causal: bool = False,
     rows: Selection = None,
     heads: Selection = None,
-) -> torch.Tensor:
+) -> Float[Tensor, "b h2 nq2 nk"]:
     """softmax(q k^T * scale + mask) for `q` (b, h, nq, d) and `k` (b, h_kv, nk, d) -> (b, h', nq', nk).
 
     `mask` is additive (float) or boolean (True = attend) and broadcasts to (b, h, nq, nk); `is_causal`

@@ -1,0 +1,100 @@
+"""The `diffusion` organism: a `StableDiffusionPipeline` (UNet2DConditionModel with cross-attention, a tiny
+AutoencoderKL, the clip organism's text tower) that draws "a red square" style prompts. x0-prediction."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..world.scene import COLOURS, SHAPES
+from .data import single_object_pool, to_pixels
+from .train import run_training
+
+IMAGE = 32
+PROMPTS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+DEFAULTS = dict(vae_steps=500, steps=1800, batch=64, lr=1e-3, vae_lr=2e-3, warmup=60, pool=8_000, seed=0,
+                uncond_p=0.1)
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4,
+                         norm_num_groups=16, sample_size=IMAGE, layers_per_block=1, scaling_factor=1.0)
+
+
+def make_unet(cross_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim, attention_head_dim=16, norm_num_groups=16,
+    )
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="sample")
+
+
+def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os.PathLike, **overrides) -> dict:
+    from diffusers import StableDiffusionPipeline
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    hp = {**DEFAULTS, **overrides}
+    torch.manual_seed(hp["seed"])
+    tok = AutoTokenizer.from_pretrained(clip_folder)
+    tok.model_max_length = 16
+    text_encoder = CLIPTextModel.from_pretrained(clip_folder).eval()
+    scenes, images = single_object_pool(hp["pool"], hp["seed"] + 2, IMAGE, background="plain")
+    pixels = to_pixels(images)
+    labels = torch.tensor([PROMPTS.index(s.short_caption) for s in scenes])
+
+    vae = make_vae()
+
+    def vae_step(step: int) -> torch.Tensor:
+        idx = torch.from_numpy(np.random.RandomState(step).randint(0, len(pixels), hp["batch"]))
+        x = pixels[idx]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        return F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+
+    vae_stats = run_training(name="diffusion-vae", model=vae, params=vae.parameters(), steps=hp["vae_steps"],
+                             lr=hp["vae_lr"], warmup=20, seed=hp["seed"], work=Path(work) / "vae", step_fn=vae_step)
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        text = tok(PROMPTS + [""], padding="max_length", max_length=16, return_tensors="pt")
+        embeds = text_encoder(**text).last_hidden_state  # 24 prompts + the empty prompt (guidance)
+    unet = make_unet(text_encoder.config.hidden_size)
+    sched = make_scheduler()
+    alphas = sched.alphas_cumprod
+
+    def step_fn(step: int) -> torch.Tensor:
+        rng = np.random.RandomState(hp["seed"] * 7919 + step)
+        idx = torch.from_numpy(rng.randint(0, len(latents), hp["batch"]))
+        x0 = latents[idx]
+        cond = labels[idx].clone()
+        cond[torch.from_numpy(rng.rand(hp["batch"]) < hp["uncond_p"])] = len(PROMPTS)
+        t = torch.from_numpy(rng.randint(0, sched.config.num_train_timesteps, hp["batch"]))
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn_like(x0)
+        pred = unet(noisy, t, encoder_hidden_states=embeds[cond]).sample
+        return F.mse_loss(pred, x0)
+
+    stats = run_training(name="diffusion", model=unet, params=unet.parameters(), steps=hp["steps"], lr=hp["lr"],
+                         warmup=hp["warmup"], seed=hp["seed"], work=Path(work) / "unet", step_fn=step_fn)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    stats["vae"] = vae_stats
+    stats["seconds"] = round(stats["seconds"] + vae_stats["seconds"], 1)
+    return {"hyperparameters": hp, **stats}

@@ -1,0 +1,120 @@
+"""What every organism's training shares: seeding, resumable checkpoints (safetensors only), progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..io import atomic_path, atomic_write_text
+
+
+def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflat_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Checkpointer:
+    """Save (model, optimizer, step) every `every` steps into `folder`; `resume` picks up the last one."""
+
+    def __init__(self, folder: str | os.PathLike, every: int = 200):
+        self.folder, self.every = Path(folder), every
+
+    def save(self, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, extra: dict | None = None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(self.folder / "model.safetensors") as tmp:
+            save_file(weights, str(tmp))
+        tensors, meta = _flat_optimizer(opt)
+        with atomic_path(self.folder / "optimizer.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_text(self.folder / "state.json", json.dumps({"step": step, "optimizer": meta, **(extra or {})}))
+
+    def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+        """The step to continue from (0 when there is no checkpoint)."""
+        state_file = self.folder / "state.json"
+        if not state_file.exists():
+            return 0
+        state = json.loads(state_file.read_text())
+        model.load_state_dict(load_file(str(self.folder / "model.safetensors")), strict=False)
+        _unflat_optimizer(opt, load_file(str(self.folder / "optimizer.safetensors")), state["optimizer"])
+        return int(state["step"])
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    import math
+
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def loop(total: int, start: int, desc: str) -> Iterator[int]:
+    """Steps start..total-1 with a progress bar."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=2.0) as bar:
+        for step in range(start, total):
+            yield step
+            bar.update(1)
+
+
+def run_training(*, name: str, model: torch.nn.Module, params, steps: int, lr: float, warmup: int, seed: int,
+                 work: str | os.PathLike, step_fn: Callable[[int], torch.Tensor], every: int = 200,
+                 weight_decay: float = 0.01, log: Callable[[int, float], None] | None = None) -> dict:
+    """AdamW + warmup/cosine; `step_fn(step)` returns the loss of one batch (its data drawn from `step`, so a
+    resumed run sees exactly the batches an uninterrupted one would). Returns timing and the loss curve."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    ckpt = Checkpointer(work, every)
+    start = ckpt.resume(model, opt)
+    curve, t0 = [], time.perf_counter()
+    model.train()
+    for step in loop(steps, start, f"train {name}"):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, warmup) * g.get("lr_scale", 1.0)
+        torch.manual_seed(seed * 1_000_003 + step)
+        loss = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        curve.append(loss.item())
+        if log is not None:
+            log(step, curve[-1])
+        if (step + 1) % every == 0 or step + 1 == steps:
+            ckpt.save(step + 1, model, opt)
+    model.eval()
+    return {"steps": steps, "resumed_from": start, "seconds": round(time.perf_counter() - t0, 1),
+            "loss_curve": [round(sum(c) / len(c), 4) for c in _buckets(curve, 10)]}
+
+
+def _buckets(xs: list[float], n: int) -> list[list[float]]:
+    if not xs:
+        return []
+    k = max(1, len(xs) // n)
+    return [xs[i : i + k] for i in range(0, len(xs), k)]

@@ -1,0 +1,15 @@
+"""The organisms' shared word-level tokenizer: every word the world's captions and questions use."""
+
+from __future__ import annotations
+
+from ..testing.tokenizer import word_tokenizer
+from ..world.scene import COLOURS, SHAPES, SIZES
+
+WORDS = [
+    "a", "an", "the", "photo", "of", "and", "on", "left", "right", "is", "are", "there", "what", "colour", "shape",
+    "object", "objects", "how", "many", "yes", "no", "one", "two", "three", "?", *COLOURS, *SHAPES, *SIZES,
+]
+
+
+def world_tokenizer(model_max_length: int = 32):
+    return word_tokenizer(WORDS, model_max_length=model_max_length)
