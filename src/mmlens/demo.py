@@ -92,7 +92,7 @@ def _generative(report: Report, lens, organism: bool) -> object:
 def _diffusion(report: Report, lens, organism: bool) -> object:
     prompts = ["a red square", "a blue circle", "a yellow triangle", "a green cross"]
     size = lens.model.unet.config.sample_size * lens.model.vae_scale_factor
-    out, cache = lens.generate(prompts, num_inference_steps=20 if organism else 4, guidance_scale=3.0, height=size,
+    out, cache = lens.generate(prompts, num_inference_steps=20 if organism else 4, guidance_scale=1.5, height=size,
                                width=size, output_type="np", generator=torch.Generator().manual_seed(0),
                                names=["unet.*.cross.probs", "unet.mid.out", "text_encoder.blocks.*.resid_post"])
     from .world.judge import classify
@@ -100,7 +100,10 @@ def _diffusion(report: Report, lens, organism: bool) -> object:
     verdicts = [classify((im * 255).round().astype(np.uint8)) for im in out.images]
     report.figure(_fig(list(out.images), [f"{p}\njudge: {c} {s}" for p, (c, s) in zip(prompts, verdicts)]),
                   "samples, judged by the world's pixel judge")
-    probs = cache.get("unet.up.1.attn.0.cross.probs", step=cache.steps[-1], branch="cond")  # (prompts, heads, hw, 16)
+    # the decoder's finest cross-attention (which up block holds it depends on the UNet's layout)
+    name = max((n for n in cache if n.startswith("unet.up.") and n.endswith(".cross.probs")),
+               key=lambda n: cache.get(n, step=cache.steps[-1]).shape[2])
+    probs = cache.get(name, step=cache.steps[-1], branch="cond")  # (prompts, heads, hw, text tokens)
     side = int(probs.shape[2] ** 0.5)
     tok = lens.model.tokenizer
     maps, titles = [], []
@@ -109,7 +112,7 @@ def _diffusion(report: Report, lens, organism: bool) -> object:
         for j, w in enumerate(words[1:4], start=1):
             maps.append(_grid_map(probs[k, :, :, j].mean(0), side))
             titles.append(f"{p}: '{w}'")
-    report.figure(_fig(maps, titles), "cross-attention per prompt word, last step, cond branch (DAAM-style)")
+    report.figure(_fig(maps, titles), f"{name} per prompt word, last step, cond branch (DAAM-style)")
     report.table([{"step": s, "timestep": round(t, 1)} for s, t in cache.timesteps.items()], max_rows=6)
     return cache
 

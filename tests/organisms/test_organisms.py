@@ -47,6 +47,24 @@ def test_random_vlm_scores_near_chance(random_clip, tmp_path):
     assert m["n_questions"] > 100
 
 
+def test_random_diffusion_scores_near_chance(random_clip, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from mmlens.organisms import diffusion
+
+    torch.manual_seed(0)
+    text = CLIPTextModel.from_pretrained(random_clip)
+    tok = AutoTokenizer.from_pretrained(random_clip)
+    pipe = StableDiffusionPipeline(vae=diffusion.make_vae(), text_encoder=text, tokenizer=tok,
+                                   unet=diffusion.make_unet(text.config.hidden_size), scheduler=diffusion.make_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path)
+    m = evaluate("diffusion", tmp_path, full=False)
+    assert m["n"] == 48
+    assert m["colour_acc"] < 0.45 and m["shape_acc"] < 0.5  # chance: 1/6 and 1/4
+
+
 def test_unknown_organism():
     with pytest.raises(ValueError, match="choose one of"):
         organisms.path("gpt")
@@ -61,6 +79,15 @@ def test_shipped_organism_loads_plainly_and_meets_its_bar(name):
     assert all(card["passed"].values()), card["metrics"]
     lens = organisms.load(name)
     assert isinstance(lens, mmlens.Lens)
+    plain = {"clip": "transformers.CLIPModel", "vlm": "transformers.LlavaForConditionalGeneration",
+             "diffusion": "diffusers.StableDiffusionPipeline"}[name]
+    module, cls = plain.split(".")
+    model = getattr(__import__(module), cls).from_pretrained(folder)  # no mmlens involved
+    assert type(lens.model) is type(model)
+    ours, ref = (lens.model.unet, model.unet) if name == "diffusion" else (lens.model, model)
+    ref_sd = ref.state_dict()
+    assert ref_sd.keys() == ours.state_dict().keys()
+    assert all(torch.equal(ref_sd[k], v) for k, v in ours.state_dict().items())
     m = evaluate(name, folder, full=False)  # a fresh small sample: within sampling noise of the bar
     for k, thr in THRESHOLDS[name].items():
         assert m[k] >= thr - 0.08, (k, m[k])

@@ -68,14 +68,16 @@ def evaluate_vlm(model_or_path, n_scenes: int = 200, seed: int = 0, batch: int =
             by["binding"].append(ok)
         if kind == "exists":
             by["absent_no" if a == "no" else "present_yes"].append(ok)
-    out = {f"{k}_acc" if not k.startswith(("binding", "absent", "present")) else k: float(np.mean(v)) for k, v in by.items()}
+    plain = ("binding", "absent", "present")
+    out = {(k if k.startswith(plain) else f"{k}_acc"): float(np.mean(v)) for k, v in by.items()}
     out["overall"] = float(np.mean([p == a for (_, _, a, _), p in zip(items, preds)]))
     out["n_questions"] = len(items)
     return out
 
 
 @torch.no_grad()
-def evaluate_diffusion(model_or_path, per_prompt: int = 4, steps: int = 25, guidance: float = 3.0, seed: int = 0) -> dict:
+def evaluate_diffusion(model_or_path, per_prompt: int = 4, steps: int = 25, guidance: float = 1.5,
+                       seed: int = 0) -> dict:
     """Sample every 'a {colour} {shape}' prompt and judge each image with the world's pixel judge."""
     from ..world.judge import classify
 

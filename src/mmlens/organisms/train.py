@@ -73,13 +73,16 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
-def loop(total: int, start: int, desc: str) -> Iterator[int]:
-    """Steps start..total-1 with a progress bar."""
+def loop(total: int, start: int, desc: str, losses: list[float] | None = None) -> Iterator[int]:
+    """Steps start..total-1 with a progress bar (showing the mean of the last 20 `losses`, when given)."""
     from tqdm.auto import tqdm
 
     with tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=2.0) as bar:
         for step in range(start, total):
             yield step
+            if losses:
+                recent = losses[-20:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
             bar.update(1)
 
 
@@ -94,7 +97,7 @@ def run_training(*, name: str, model: torch.nn.Module, params, steps: int, lr: f
     start = ckpt.resume(model, opt)
     curve, t0 = [], time.perf_counter()
     model.train()
-    for step in loop(steps, start, f"train {name}"):
+    for step in loop(steps, start, f"train {name}", curve):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup) * g.get("lr_scale", 1.0)
         torch.manual_seed(seed * 1_000_003 + step)

@@ -8,6 +8,7 @@ from ..world.scene import COLOURS, SHAPES, SIZES
 WORDS = [
     "a", "an", "the", "photo", "of", "and", "on", "left", "right", "is", "are", "there", "what", "colour", "shape",
     "object", "objects", "how", "many", "yes", "no", "one", "two", "three", "?", *COLOURS, *SHAPES, *SIZES,
+    "answer", ":",  # appended, so the clip organism's ids stay what they were
 ]
 
 
