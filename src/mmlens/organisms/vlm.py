@@ -5,8 +5,10 @@ Training packs all of a scene's questions into one sequence (`<image> q1 answer 
 every answer), so one image and one pass over its 65 image tokens teach up to 12 answers; the first turn is exactly
 the single-question prompt used at inference. One question per sequence costs ~4x more compute per answer, and
 within 15 CPU minutes left the model at "name any colour in the image" (binding 0.31, "yes" to every absent
-object). The vision tower is fine-tuned at the full rate: the clip organism's patch tokens carry colour (linear
-probe 0.99) but hardly shape (0.65; CLIP only needed it in CLS), and binding needs shape on every object's patches.
+object). The vision tower is fine-tuned at the full rate, with a training-time linear read-out (`patch_aux`, not
+shipped) asking each patch token for the shape of the object under it: the clip organism's patch tokens carry
+colour (linear probe 0.99) but hardly shape (0.65; CLIP only needed it in CLS), and binding needs shape on every
+object's patches.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .train import run_training
 from .vocab import world_tokenizer
 
 N_IMAGE_TOKENS = (IMAGE // PATCH) ** 2 + 1  # "full" strategy keeps CLS
-DEFAULTS = dict(steps=1200, batch=32, lr=1e-3, vision_lr_scale=1.0, warmup=80, pool=12_000, seed=0)
+DEFAULTS = dict(steps=1200, batch=32, lr=1e-3, vision_lr_scale=1.0, warmup=80, pool=12_000, seed=0, patch_aux=1.0)
 PROMPT = "<image> {question} answer :"
 
 
@@ -69,6 +71,19 @@ def answer_first_tokens(lens, scenes, questions) -> list[str]:
     return tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
 
 
+def patch_labels(scene, grid: int) -> np.ndarray:
+    """(grid*grid,) index into SHAPES of the object covering most of each patch, len(SHAPES) for background."""
+    from ..world.scene import SHAPES
+
+    cov = scene.coverage  # (objects, H, W)
+    p = scene.size // grid
+    per_patch = cov.reshape(len(cov), grid, p, grid, p).mean((2, 4)).reshape(len(cov), -1)  # (objects, grid*grid)
+    best = per_patch.argmax(0)
+    labels = np.array([SHAPES.index(scene.objects[b].shape) for b in best])
+    labels[per_patch.max(0) < 0.3] = len(SHAPES)
+    return labels
+
+
 def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os.PathLike, **overrides) -> dict:
     """Train (or resume) with the vision tower initialised from the clip organism; save the folder `out`."""
     from transformers import CLIPModel, LlavaForConditionalGeneration
@@ -97,19 +112,42 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
             ids[r, : len(row)] = torch.tensor(row)
             mask[r, : len(row)] = 1
             target[r, tgt] = True
-        return ids, mask, target, pixels[torch.from_numpy(idx)]
+        idx = torch.from_numpy(idx)
+        return ids, mask, target, pixels[idx], idx
+
+    # Training-time helper, not shipped: a linear read-out of each object's shape from its patch tokens at the
+    # layer the projector reads. The clip organism only needed shape in CLS; binding needs it on every patch.
+    from ..world.scene import SHAPES
+
+    grid = IMAGE // PATCH
+    labels = torch.from_numpy(np.stack([patch_labels(s, grid) for s in scenes]))
+    aux = torch.nn.Linear(model.config.vision_config.hidden_size, len(SHAPES) + 1)
+    image_id = tok.convert_tokens_to_ids("<image>")
 
     def step_fn(step: int) -> torch.Tensor:
-        ids, mask, target, px = batch(step)
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
-        answers = ids[:, 1:][target[:, :-1]]
-        return torch.nn.functional.cross_entropy(logits[:, :-1][target[:, :-1]], answers)
+        ids, mask, target, px, idx = batch(step)
+        # LlavaModel's own steps (project the chosen vision layer, scatter into the image-token embeddings), kept
+        # explicit so the same vision pass also feeds the patch read-out.
+        vis = model.model.get_image_features(pixel_values=px, vision_feature_layer=model.config.vision_feature_layer,
+                                             vision_feature_select_strategy="full")
+        feats = vis.pooler_output
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        embeds = model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == image_id).unsqueeze(-1), feats.to(embeds.dtype))
+        logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][target[:, :-1]], ids[:, 1:][target[:, :-1]])
+        if hp["patch_aux"]:
+            patches = vis.hidden_states[model.config.vision_feature_layer][:, 1:]
+            loss = loss + hp["patch_aux"] * torch.nn.functional.cross_entropy(aux(patches).flatten(0, 1),
+                                                                             labels[idx].flatten())
+        return loss
 
     vision = list(model.model.vision_tower.parameters())
     vision_ids = {id(p) for p in vision}
-    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    rest = [p for p in model.parameters() if id(p) not in vision_ids] + list(aux.parameters())
     groups = [{"params": rest}, {"params": vision, "lr_scale": hp["vision_lr_scale"]}]
-    stats = run_training(name="vlm", model=model, params=groups, steps=hp["steps"], lr=hp["lr"], warmup=hp["warmup"],
+    both = torch.nn.ModuleDict({"vlm": model, "patch_aux": aux})  # checkpointed together, so a resume is exact
+    stats = run_training(name="vlm", model=both, params=groups, steps=hp["steps"], lr=hp["lr"], warmup=hp["warmup"],
                          seed=hp["seed"], work=work, step_fn=step_fn)
     out = Path(out)
     model.save_pretrained(out)
