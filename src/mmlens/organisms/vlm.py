@@ -25,7 +25,8 @@ from .train import run_training
 from .vocab import world_tokenizer
 
 N_IMAGE_TOKENS = (IMAGE // PATCH) ** 2 + 1  # "full" strategy keeps CLS
-DEFAULTS = dict(steps=1200, batch=32, lr=1e-3, vision_lr_scale=1.0, warmup=80, pool=12_000, seed=0, patch_aux=1.0)
+DEFAULTS = dict(vision_steps=300, vision_batch=64, vision_lr=1e-3, steps=1400, batch=32, lr=1e-3, warmup=80,
+                pool=12_000, seed=0)
 PROMPT = "<image> {question} answer :"
 
 
@@ -115,40 +116,47 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
         idx = torch.from_numpy(idx)
         return ids, mask, target, pixels[idx], idx
 
-    # Training-time helper, not shipped: a linear read-out of each object's shape from its patch tokens at the
-    # layer the projector reads. The clip organism only needed shape in CLS; binding needs it on every patch.
+    # Stage 1: the vision tower learns to put each object's shape on its own patch tokens (a linear read-out at the
+    # layer the projector reads; the read-out is a training-time helper and is not shipped).
     from ..world.scene import SHAPES
 
-    grid = IMAGE // PATCH
-    labels = torch.from_numpy(np.stack([patch_labels(s, grid) for s in scenes]))
+    layer = model.config.vision_feature_layer
+    tower = model.model.vision_tower
+    labels = torch.from_numpy(np.stack([patch_labels(s, IMAGE // PATCH) for s in scenes]))
     aux = torch.nn.Linear(model.config.vision_config.hidden_size, len(SHAPES) + 1)
+
+    def vision_step(step: int) -> torch.Tensor:
+        idx = torch.from_numpy(np.random.RandomState(hp["seed"] * 104_729 + step).randint(0, len(scenes),
+                                                                                         hp["vision_batch"]))
+        patches = tower(pixels[idx], output_hidden_states=True).hidden_states[layer][:, 1:]
+        return torch.nn.functional.cross_entropy(aux(patches).flatten(0, 1), labels[idx].flatten())
+
+    stage1 = torch.nn.ModuleDict({"tower": tower, "patch_aux": aux})
+    vision_stats = run_training(name="vlm-vision", model=stage1, params=stage1.parameters(), steps=hp["vision_steps"],
+                                lr=hp["vision_lr"], warmup=20, seed=hp["seed"], work=Path(work) / "vision",
+                                step_fn=vision_step)
+
+    # Stage 2: the tower is frozen and its features computed once; projector + LM learn to answer.
+    tower.requires_grad_(False)
+    with torch.no_grad():
+        feats = torch.cat([tower(pixels[i : i + 250], output_hidden_states=True).hidden_states[layer]
+                           for i in range(0, len(pixels), 250)])
     image_id = tok.convert_tokens_to_ids("<image>")
 
     def step_fn(step: int) -> torch.Tensor:
-        ids, mask, target, px, idx = batch(step)
-        # LlavaModel's own steps (project the chosen vision layer, scatter into the image-token embeddings), kept
-        # explicit so the same vision pass also feeds the patch read-out.
-        vis = model.model.get_image_features(pixel_values=px, vision_feature_layer=model.config.vision_feature_layer,
-                                             vision_feature_select_strategy="full")
-        feats = vis.pooler_output
-        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        # LlavaModel's own steps (project the vision layer, scatter into the image-token embeddings) on cached
+        # tower outputs.
+        ids, mask, target, _, idx = batch(step)
         embeds = model.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter((ids == image_id).unsqueeze(-1), feats.to(embeds.dtype))
+        embeds = embeds.masked_scatter((ids == image_id).unsqueeze(-1), model.model.multi_modal_projector(feats[idx]))
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1][target[:, :-1]], ids[:, 1:][target[:, :-1]])
-        if hp["patch_aux"]:
-            patches = vis.hidden_states[model.config.vision_feature_layer][:, 1:]
-            loss = loss + hp["patch_aux"] * torch.nn.functional.cross_entropy(aux(patches).flatten(0, 1),
-                                                                             labels[idx].flatten())
-        return loss
+        return torch.nn.functional.cross_entropy(logits[:, :-1][target[:, :-1]], ids[:, 1:][target[:, :-1]])
 
-    vision = list(model.model.vision_tower.parameters())
-    vision_ids = {id(p) for p in vision}
-    rest = [p for p in model.parameters() if id(p) not in vision_ids] + list(aux.parameters())
-    groups = [{"params": rest}, {"params": vision, "lr_scale": hp["vision_lr_scale"]}]
-    both = torch.nn.ModuleDict({"vlm": model, "patch_aux": aux})  # checkpointed together, so a resume is exact
-    stats = run_training(name="vlm", model=both, params=groups, steps=hp["steps"], lr=hp["lr"], warmup=hp["warmup"],
-                         seed=hp["seed"], work=work, step_fn=step_fn)
+    stats = run_training(name="vlm", model=model, params=[p for p in model.parameters() if p.requires_grad],
+                         steps=hp["steps"], lr=hp["lr"], warmup=hp["warmup"], seed=hp["seed"], work=Path(work) / "lm",
+                         step_fn=step_fn)
+    stats["vision"] = vision_stats
+    stats["seconds"] = round(stats["seconds"] + vision_stats["seconds"], 1)
     out = Path(out)
     model.save_pretrained(out)
     processor(tok).save_pretrained(out)
