@@ -25,8 +25,8 @@ from .train import run_training
 from .vocab import world_tokenizer
 
 N_IMAGE_TOKENS = (IMAGE // PATCH) ** 2 + 1  # "full" strategy keeps CLS
-DEFAULTS = dict(vision_steps=300, vision_batch=64, vision_lr=1e-3, steps=1400, batch=32, lr=1e-3, warmup=80,
-                pool=12_000, seed=0)
+DEFAULTS = dict(vision_steps=300, vision_batch=64, vision_lr=1e-3, steps=1400, batch=32, lr=1e-3, lr_decay=True,
+                warmup=80, pool=12_000, seed=0)
 PROMPT = "<image> {question} answer :"
 
 
@@ -154,7 +154,7 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
 
     stats = run_training(name="vlm", model=model, params=[p for p in model.parameters() if p.requires_grad],
                          steps=hp["steps"], lr=hp["lr"], warmup=hp["warmup"], seed=hp["seed"], work=Path(work) / "lm",
-                         step_fn=step_fn)
+                         step_fn=step_fn, decay=hp["lr_decay"])
     stats["vision"] = vision_stats
     stats["seconds"] = round(stats["seconds"] + vision_stats["seconds"], 1)
     out = Path(out)

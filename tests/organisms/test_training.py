@@ -1,0 +1,59 @@
+"""The organisms' training harness: an interrupted run resumes to the same weights; schedules; patch labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmlens.organisms.train import cosine_lr, run_training
+
+
+def _run(work, steps=10, stop_at=None):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    xs = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    ys = xs @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def step_fn(step):
+        if step == stop_at:
+            raise KeyboardInterrupt  # the machine going away mid-run
+        idx = torch.from_numpy(np.random.RandomState(step).randint(0, 64, 8))
+        return torch.nn.functional.mse_loss(model(xs[idx]).squeeze(-1), ys[idx])
+
+    stats = run_training(name="t", model=model, params=model.parameters(), steps=steps, lr=0.05, warmup=2, seed=0,
+                         work=work, step_fn=step_fn, every=4)
+    return model, stats
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    straight, _ = _run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", stop_at=7)
+    resumed, stats = _run(tmp_path / "b")
+    assert stats["resumed_from"] == 4  # the last checkpoint before the interruption
+    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+
+
+def test_cosine_lr():
+    assert cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert cosine_lr(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.05)
+    assert cosine_lr(55, 100, 1.0, 10) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert cosine_lr(99, 100, 1.0, 10, decay=False) == 1.0
+
+
+def test_patch_labels_follow_the_mask():
+    from mmlens.organisms.vlm import patch_labels
+    from mmlens.world import single_object_scene
+    from mmlens.world.scene import SHAPES
+
+    for seed in range(6):
+        scene = single_object_scene(seed, size=48)
+        obj = scene.objects[0]
+        labels = patch_labels(scene, 8).reshape(8, 8)
+        assert set(np.unique(labels)) <= {SHAPES.index(obj.shape), len(SHAPES)}
+        assert labels[min(int(obj.y * 8), 7), min(int(obj.x * 8), 7)] == SHAPES.index(obj.shape)
+        cover = scene.coverage[0].reshape(8, 6, 8, 6).mean((1, 3))
+        assert ((labels != len(SHAPES)) == (cover >= 0.3)).all()
