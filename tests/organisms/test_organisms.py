@@ -79,10 +79,11 @@ def test_shipped_organism_loads_plainly_and_meets_its_bar(name):
     assert all(card["passed"].values()), card["metrics"]
     lens = organisms.load(name)
     assert isinstance(lens, mmlens.Lens)
-    plain = {"clip": "transformers.CLIPModel", "vlm": "transformers.LlavaForConditionalGeneration",
-             "diffusion": "diffusers.StableDiffusionPipeline"}[name]
-    module, cls = plain.split(".")
-    model = getattr(__import__(module), cls).from_pretrained(folder)  # no mmlens involved
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel, LlavaForConditionalGeneration
+
+    plain = {"clip": CLIPModel, "vlm": LlavaForConditionalGeneration, "diffusion": StableDiffusionPipeline}[name]
+    model = plain.from_pretrained(folder)  # no mmlens involved
     assert type(lens.model) is type(model)
     ours, ref = (lens.model.unet, model.unet) if name == "diffusion" else (lens.model, model)
     ref_sd = ref.state_dict()

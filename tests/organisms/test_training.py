@@ -49,11 +49,21 @@ def test_patch_labels_follow_the_mask():
     from mmlens.world import single_object_scene
     from mmlens.world.scene import SHAPES
 
+    inside = outside = 0
     for seed in range(6):
         scene = single_object_scene(seed, size=48)
         obj = scene.objects[0]
         labels = patch_labels(scene, 8).reshape(8, 8)
         assert set(np.unique(labels)) <= {SHAPES.index(obj.shape), len(SHAPES)}
         assert labels[min(int(obj.y * 8), 7), min(int(obj.x * 8), 7)] == SHAPES.index(obj.shape)
-        cover = scene.coverage[0].reshape(8, 6, 8, 6).mean((1, 3))
-        assert ((labels != len(SHAPES)) == (cover >= 0.3)).all()
+        mask = scene.masks[0]
+        for r in range(8):
+            for c in range(8):
+                cell = mask[6 * r : 6 * r + 6, 6 * c : 6 * c + 6]
+                if cell.all():  # fully inside the object
+                    assert labels[r, c] == SHAPES.index(obj.shape)
+                    inside += 1
+                elif not cell.any():  # untouched by it
+                    assert labels[r, c] == len(SHAPES)
+                    outside += 1
+    assert inside > 0 and outside > 0

@@ -1,14 +1,12 @@
 """The `vlm` organism: `LlavaForConditionalGeneration` (the clip organism's ViT + MLP projector + Llama) that
 answers the world's questions with one word: `<image> {question} answer :` -> answer.
 
-Training packs all of a scene's questions into one sequence (`<image> q1 answer : a1 q2 answer : a2 ...`, loss on
-every answer), so one image and one pass over its 65 image tokens teach up to 12 answers; the first turn is exactly
-the single-question prompt used at inference. One question per sequence costs ~4x more compute per answer, and
-within 15 CPU minutes left the model at "name any colour in the image" (binding 0.31, "yes" to every absent
-object). The vision tower is fine-tuned at the full rate, with a training-time linear read-out (`patch_aux`, not
-shipped) asking each patch token for the shape of the object under it: the clip organism's patch tokens carry
-colour (linear probe 0.99) but hardly shape (0.65; CLIP only needed it in CLS), and binding needs shape on every
-object's patches.
+Two stages. (1) The vision tower, initialised from the clip organism, learns to put each object's shape on its own
+patch tokens through a linear per-patch read-out (a training-time helper, not shipped): the clip organism's patches
+carry colour (linear probe 0.99) but hardly shape (0.65; CLIP only needed shape in CLS), and binding needs shape on
+every object's patches. (2) The tower is frozen, its outputs cached, and projector + LM train on sequences packing
+all of a scene's questions (`<image> q1 answer : a1 q2 answer : a2 ...`, loss on every answer), so one pass over
+the 65 image tokens teaches up to 12 answers; the first turn is exactly the inference prompt.
 """
 
 from __future__ import annotations
@@ -47,12 +45,15 @@ def processor(tok):
                           vision_feature_select_strategy="full", image_token="<image>", num_additional_image_tokens=1)
 
 
-def _encode_turns(tok, qa: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-    """Ids of `<s> <image>*N q1 answer : a1 q2 answer : a2 ...` and the positions whose next token is an answer."""
+def _encode_turns(tok, qa: list[tuple[str, str]], memo: dict[str, list[int]]) -> tuple[list[int], list[int]]:
+    """Ids of `<s> <image>*N q1 answer : a1 q2 answer : a2 ...` and the positions whose next token is an answer.
+    `memo` keeps each distinct question's ids (a few hundred), so batches do not re-tokenise."""
     ids = [tok.bos_token_id] + [tok.convert_tokens_to_ids("<image>")] * N_IMAGE_TOKENS
     targets = []
     for q, a in qa:
-        ids += tok(f"{q} answer :", add_special_tokens=False)["input_ids"]
+        if q not in memo:
+            memo[q] = tok(f"{q} answer :", add_special_tokens=False)["input_ids"]
+        ids += memo[q]
         targets.append(len(ids) - 1)
         ids.append(tok.convert_tokens_to_ids(a))
     return ids, targets
@@ -100,12 +101,13 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
     # two draws of each scene's questions: more present/absent objects and left/right pairs per scene
     qa = [sorted({(q, a) for r in (k, k + 7_777_777) for q, a, _ in s.questions(np.random.RandomState(r))})
           for k, s in enumerate(scenes)]
+    memo: dict[str, list[int]] = {}
 
     def batch(step: int):
         """`batch` scenes, each with all its questions in a random order, right-padded."""
         rng = np.random.RandomState(hp["seed"] * 7919 + step)
         idx = rng.randint(0, len(scenes), hp["batch"])
-        rows = [_encode_turns(tok, [qa[i][j] for j in rng.permutation(len(qa[i]))]) for i in idx]
+        rows = [_encode_turns(tok, [qa[i][j] for j in rng.permutation(len(qa[i]))], memo) for i in idx]
         width = max(len(r) for r, _ in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id)
         mask, target = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
@@ -113,8 +115,7 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
             ids[r, : len(row)] = torch.tensor(row)
             mask[r, : len(row)] = 1
             target[r, tgt] = True
-        idx = torch.from_numpy(idx)
-        return ids, mask, target, pixels[idx], idx
+        return ids, mask, target, torch.from_numpy(idx)
 
     # Stage 1: the vision tower learns to put each object's shape on its own patch tokens (a linear read-out at the
     # layer the projector reads; the read-out is a training-time helper and is not shipped).
