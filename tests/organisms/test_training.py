@@ -41,7 +41,12 @@ def test_cosine_lr():
     assert cosine_lr(10, 100, 1.0, 10) == pytest.approx(1.0)
     assert cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.05)
     assert cosine_lr(55, 100, 1.0, 10) == pytest.approx(0.05 + 0.95 * 0.5)
-    assert cosine_lr(99, 100, 1.0, 10, decay=False) == 1.0
+    assert cosine_lr(99, 100, 1.0, 10, hold=1.0) == 1.0
+    # hold half of the 90 post-warmup steps at peak, then the same cosine over the other 45
+    assert cosine_lr(54, 100, 1.0, 10, hold=0.5) == 1.0
+    assert cosine_lr(55, 100, 1.0, 10, hold=0.5) == pytest.approx(1.0)
+    assert cosine_lr(55 + 22.5, 100, 1.0, 10, hold=0.5) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert cosine_lr(100, 100, 1.0, 10, hold=0.5) == pytest.approx(0.05)
 
 
 def test_patch_labels_follow_the_mask():

@@ -64,16 +64,18 @@ class Checkpointer:
         return int(state["step"])
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int, decay: bool = True) -> float:
-    """Linear warmup, then cosine down to 5% of `peak` (or, with `decay=False`, `peak` throughout)."""
+def cosine_lr(step: int, total: int, peak: float, warmup: int, hold: float = 0.0) -> float:
+    """Linear warmup; `peak` for the first `hold` fraction of the remaining steps; then cosine down to 5% of `peak`
+    (`hold=0`: plain warmup-cosine; `hold=1`: constant). Holding lets a slow-to-emerge skill form at full lr."""
     import math
 
     if step < warmup:
         return peak * (step + 1) / warmup
-    if not decay:
-        return peak
-    p = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+    start = warmup + hold * (total - warmup)
+    if step >= total or step < start or hold >= 1.0:
+        return peak if step < start or hold >= 1.0 else 0.05 * peak
+    p = (step - start) / max(1.0, total - start)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def loop(total: int, start: int, desc: str, losses: list[float] | None = None) -> Iterator[int]:
@@ -92,7 +94,7 @@ def loop(total: int, start: int, desc: str, losses: list[float] | None = None) -
 def run_training(*, name: str, model: torch.nn.Module, params, steps: int, lr: float, warmup: int, seed: int,
                  work: str | os.PathLike, step_fn: Callable[[int], torch.Tensor], every: int = 200,
                  weight_decay: float = 0.01, log: Callable[[int, float], None] | None = None,
-                 decay: bool = True) -> dict:
+                 hold: float = 0.0) -> dict:
     """AdamW + warmup/cosine; `step_fn(step)` returns the loss of one batch (its data drawn from `step`, so a
     resumed run sees exactly the batches an uninterrupted one would). Returns timing and the loss curve."""
     torch.manual_seed(seed)
@@ -103,7 +105,7 @@ def run_training(*, name: str, model: torch.nn.Module, params, steps: int, lr: f
     model.train()
     for step in loop(steps, start, f"train {name}", curve):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup, decay) * g.get("lr_scale", 1.0)
+            g["lr"] = cosine_lr(step, steps, lr, warmup, hold) * g.get("lr_scale", 1.0)
         torch.manual_seed(seed * 1_000_003 + step)
         loss = step_fn(step)
         opt.zero_grad(set_to_none=True)
