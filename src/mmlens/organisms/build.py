@@ -22,10 +22,11 @@ DATA = {
     "clip": "16,000 single-object world scenes (48x48, 6 colours x 4 shapes x 2 sizes, random position and grey "
             "texture), cross-entropy of each image against the 24 prompts 'a {colour} {shape}'.",
     "vlm": "12,000 world scenes with 1-3 distinct objects on random textures. Vision tower initialised from the clip "
-           "organism, then trained alone to put each object's shape on its patch tokens (linear per-patch read-out, "
-           "not shipped), then frozen; projector + Llama trained on sequences packing all of a scene's questions "
-           "(colour of a shape, shape of a colour, count, left/right, is-there with present and absent objects), "
-           "cross-entropy on every one-word answer.",
+           "organism and first trained alone to put each object's shape on its patch tokens (linear per-patch read-out, "
+           "not shipped); then tower, projector and Llama together on sequences packing all of a scene's questions "
+           "(colour of a shape, shape of a colour, count, left/right, is-there with present and near-miss absent "
+           "objects), cross-entropy on every one-word answer, plus the read-out and a grounding loss (the LM names "
+           "each object patch's colour and shape at its image token).",
     "diffusion": "8,000 single-object world scenes (32x32, plain background) with prompts 'a {colour} {shape}' "
                  "(10% empty for guidance). A tiny AutoencoderKL (2x, 4 latent channels, MSE) trained first; then "
                  "the UNet (convolutions at 16x16, attention at 8x8) with x0-prediction on its latents, conditioned on "

@@ -10,6 +10,11 @@ NUMBERS = {1: "one", 2: "two", 3: "three"}
 KINDS = ("colour_of_shape", "shape_of_colour", "count", "left_right", "exists")
 
 
+def left_right(a, b) -> tuple[str, str, str]:
+    """'is the {a} left of the {b} ?' (by centre x)."""
+    return f"is the {a.name} left of the {b.name} ?", "yes" if a.x < b.x else "no", "left_right"
+
+
 def questions(scene: Scene, rng: np.random.RandomState) -> list[tuple[str, str, str]]:
     """(question, answer, kind) for every question type the scene supports.
 
@@ -29,7 +34,7 @@ def questions(scene: Scene, rng: np.random.RandomState) -> list[tuple[str, str, 
     if len(objs) >= 2:
         a, b = rng.choice(len(objs), size=2, replace=False)
         oa, ob = objs[a], objs[b]
-        qa.append((f"is the {oa.name} left of the {ob.name} ?", "yes" if oa.x < ob.x else "no", "left_right"))
+        qa.append(left_right(oa, ob))
     present = objs[rng.randint(len(objs))]
     qa.append((f"is there a {present.name} ?", "yes", "exists"))
     names = {o.name for o in objs}
