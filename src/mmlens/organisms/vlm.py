@@ -27,8 +27,7 @@ from .vocab import world_tokenizer
 
 N_IMAGE_TOKENS = (IMAGE // PATCH) ** 2 + 1  # "full" strategy keeps CLS
 DEFAULTS = dict(vision_steps=300, vision_batch=64, vision_lr=1e-3, steps=2300, batch=16, lr=1e-3, hold=0.7,
-                warmup=80, tower_lr_scale=0.5, aux_weight=0.3, ground_weight=0.3, position_weight=0.0, left_right_weight=1.0,
-                all_pairs=False, pool=12_000, seed=0, monitor_every=0)
+                warmup=80, tower_lr_scale=0.5, aux_weight=0.3, ground_weight=0.3, pool=12_000, seed=0, monitor_every=0)
 PROMPT = "<image> {question} answer :"
 
 
@@ -93,23 +92,6 @@ def patch_labels(scene, grid: int) -> np.ndarray:
     return np.array([len(SHAPES) if o < 0 else SHAPES.index(scene.objects[o].shape) for o in obj])
 
 
-def patch_centres(scene, grid: int) -> np.ndarray:
-    """(grid*grid, 2) float32 centre (x, y) of each patch's object, as fractions of the image; NaN for background."""
-    obj = patch_objects(scene, grid)
-    return np.array([(np.nan, np.nan) if o < 0 else (scene.objects[o].x, scene.objects[o].y) for o in obj],
-                    dtype=np.float32)
-
-
-def _all_pairs(scene, rng: np.random.RandomState) -> set[tuple[str, str]]:
-    """A left/right question for every pair of objects, each pair in a random order."""
-    from ..world.questions import left_right
-
-    objs = scene.objects
-    pairs = [(objs[i], objs[j]) if rng.rand() < 0.5 else (objs[j], objs[i])
-             for i in range(len(objs)) for j in range(i + 1, len(objs))]
-    return {left_right(a, b)[:2] for a, b in pairs}
-
-
 def patch_words(scene, grid: int, tok) -> np.ndarray:
     """(grid*grid, 2) token ids of each patch's object's colour and shape words, -1 for background."""
     obj = patch_objects(scene, grid)
@@ -152,8 +134,7 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
     scenes, images = scene_pool(hp["pool"], hp["seed"] + 1, IMAGE)
     pixels = to_pixels(images)
     # two draws of each scene's questions: more present/absent objects and left/right pairs per scene
-    qa = [sorted({(q, a) for r in (k, k + 7_777_777) for q, a, _ in s.questions(np.random.RandomState(r))}
-                 | (_all_pairs(s, np.random.RandomState(k + 3_333_333)) if hp["all_pairs"] else set()))
+    qa = [sorted({(q, a) for r in (k, k + 7_777_777) for q, a, _ in s.questions(np.random.RandomState(r))})
           for k, s in enumerate(scenes)]
     memo: dict[str, list[int]] = {}
 
@@ -161,18 +142,14 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
         """`batch` scenes, each with all its questions in a random order, right-padded."""
         rng = np.random.RandomState(hp["seed"] * 7919 + step)
         idx = rng.randint(0, len(scenes), hp["batch"])
-        rows = []
-        for i in idx:
-            turns = [qa[i][j] for j in rng.permutation(len(qa[i]))]
-            rows.append((*_encode_turns(tok, turns, memo),
-                         [hp["left_right_weight"] if q.startswith("is the") else 1.0 for q, _ in turns]))
-        width = max(len(r[0]) for r in rows)
+        rows = [_encode_turns(tok, [qa[i][j] for j in rng.permutation(len(qa[i]))], memo) for i in idx]
+        width = max(len(r) for r, _ in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id)
-        mask, target = torch.zeros_like(ids), torch.zeros(ids.shape)  # target: each answer's loss weight, else 0
-        for r, (row, tgt, w) in enumerate(rows):
+        mask, target = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        for r, (row, tgt) in enumerate(rows):
             ids[r, : len(row)] = torch.tensor(row)
             mask[r, : len(row)] = 1
-            target[r, tgt] = torch.tensor(w)
+            target[r, tgt] = True
         return ids, mask, target, torch.from_numpy(idx)
 
     # Stage 1: the vision tower learns to put each object's shape on its own patch tokens (a linear read-out at the
@@ -211,18 +188,8 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
         embeds = model.get_input_embeddings()(ids)
         embeds = embeds.masked_scatter((ids == image_id).unsqueeze(-1), model.model.multi_modal_projector(hidden))
         logits = model(inputs_embeds=embeds, attention_mask=mask).logits
-        sel = target[:, :-1] > 0
-        if hp["left_right_weight"] == 1.0:  # the shipped recipe's exact arithmetic
-            answers = ce(logits[:, :-1][sel], ids[:, 1:][sel])
-        else:
-            w = target[:, :-1][sel]
-            answers = (ce(logits[:, :-1][sel], ids[:, 1:][sel], reduction="none") * w).sum() / w.sum()
-        loss = answers + hp["aux_weight"] * read_out + hp["ground_weight"] * grounding(logits, words[idx])
-        if hp["position_weight"]:
-            fg = centres[idx].isfinite().all(-1)
-            loss = loss + hp["position_weight"] * torch.nn.functional.mse_loss(pos_aux(hidden[:, 1:])[fg],
-                                                                              centres[idx][fg])
-        return loss
+        answers = ce(logits[:, :-1][target[:, :-1]], ids[:, 1:][target[:, :-1]])
+        return answers + hp["aux_weight"] * read_out + hp["ground_weight"] * grounding(logits, words[idx])
 
     def grounding(logits: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """At each object patch's image token the LM names the object's colour and shape (half the mass each):
@@ -233,9 +200,6 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
         return -(picked.mean(-1)[fg]).mean()
 
     stage2 = torch.nn.ModuleDict({"llava": model, "patch_aux": aux})
-    if hp["position_weight"]:  # a linear read-out of each patch's object centre (x, y), also training-only
-        pos_aux = stage2["position_aux"] = torch.nn.Linear(model.config.vision_config.hidden_size, 2)
-        centres = torch.from_numpy(np.stack([patch_centres(s, IMAGE // PATCH) for s in scenes]))
     tower_params = set(tower.parameters())
     groups = [{"params": [p for p in stage2.parameters() if p not in tower_params]},
               {"params": list(tower_params), "lr_scale": hp["tower_lr_scale"]}]
