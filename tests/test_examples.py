@@ -1,0 +1,26 @@
+"""The scripts in examples/ run, and what they print is right against the world's ground truth."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from mmlens.organisms import available
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.skipif(not {"clip", "vlm"} <= set(available()), reason="needs the shipped clip and vlm organisms")
+def test_organisms_tour(capsys):
+    from mmlens.world import make_scene
+
+    result = runpy.run_path(str(EXAMPLES / "organisms_tour.py"))["main"](seed=3)
+    scene = make_scene(3, size=48)
+    assert result["clip"] == f"a {scene.objects[0].name}"
+    binding = [a == t for a, t, (_, _, kind) in zip(result["answers"], result["truth"], scene.questions())
+               if kind in ("colour_of_shape", "shape_of_colour")]
+    assert binding and all(binding)
+    assert result["n_image"] == 65  # 8x8 patches + CLS, the "full" feature strategy
+    assert "lm.blocks.3.resid_post (1, " in capsys.readouterr().out
