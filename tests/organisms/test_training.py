@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmlens.organisms.train import cosine_lr, run_training
+from mmlens.organisms.train import combine, cosine_lr, run_training
 
 
 def _run(work, steps=10, stop_at=None):
@@ -47,6 +47,14 @@ def test_cosine_lr():
     assert cosine_lr(55, 100, 1.0, 10, hold=0.5) == pytest.approx(1.0)
     assert cosine_lr(55 + 22.5, 100, 1.0, 10, hold=0.5) == pytest.approx(0.05 + 0.95 * 0.5)
     assert cosine_lr(100, 100, 1.0, 10, hold=0.5) == pytest.approx(0.05)
+
+
+def test_combine_nests_earlier_stages_and_sums_time():
+    vae = {"steps": 5, "seconds": 1.25, "loss_curve": [2.0]}
+    unet = {"steps": 7, "seconds": 3.5, "loss_curve": [1.0]}
+    got = combine(unet, vae=vae)
+    assert got == {"steps": 7, "seconds": 4.8, "loss_curve": [1.0], "vae": vae}  # round(4.75, 1) == 4.8
+    assert unet["seconds"] == 3.5  # the stage's own dict is left alone
 
 
 def test_patch_labels_follow_the_mask():

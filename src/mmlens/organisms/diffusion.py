@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..world.scene import COLOURS, SHAPES
 from .data import single_object_pool, to_pixels
-from .train import run_training
+from .train import combine, run_training
 
 IMAGE = 32
 LATENT_CHANNELS = 4
@@ -100,6 +100,5 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
-    stats["vae"] = vae_stats
-    stats["seconds"] = round(stats["seconds"] + vae_stats["seconds"], 1)
+    stats = combine(stats, vae=vae_stats)
     return {"hyperparameters": hp, **stats}

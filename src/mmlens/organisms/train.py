@@ -122,6 +122,14 @@ def run_training(*, name: str, model: torch.nn.Module, params, steps: int, lr: f
             "loss_curve": [round(sum(c) / len(c), 4) for c in _buckets(curve, 10)]}
 
 
+def combine(last: dict, **earlier: dict) -> dict:
+    """Stats of a multi-stage recipe: the last stage's, each earlier stage nested under its name, and `seconds`
+    the sum over all stages (so a card's time is the whole recipe's)."""
+    out = {**last, **earlier}
+    out["seconds"] = round(last["seconds"] + sum(s["seconds"] for s in earlier.values()), 1)
+    return out
+
+
 def _buckets(xs: list[float], n: int) -> list[list[float]]:
     if not xs:
         return []

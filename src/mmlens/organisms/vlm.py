@@ -22,7 +22,7 @@ import torch
 
 from .clip import IMAGE, PATCH, image_processor
 from .data import scene_pool, to_pixels
-from .train import run_training
+from .train import combine, run_training
 from .vocab import world_tokenizer
 
 N_IMAGE_TOKENS = (IMAGE // PATCH) ** 2 + 1  # "full" strategy keeps CLS
@@ -208,8 +208,7 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
     stats = run_training(name="vlm", model=stage2, params=groups, steps=hp["steps"], lr=hp["lr"], warmup=hp["warmup"],
                          seed=hp["seed"], work=Path(work) / "joint", step_fn=step_fn, hold=hp["hold"],
                          log=_monitor(model, tok, hp["monitor_every"]))
-    stats["vision"] = vision_stats
-    stats["seconds"] = round(stats["seconds"] + vision_stats["seconds"], 1)
+    stats = combine(stats, vision=vision_stats)
     out = Path(out)
     model.save_pretrained(out)
     processor(tok).save_pretrained(out)
