@@ -7,9 +7,9 @@ them, the clip organism's zero-shot guess, and a cache of the vlm's residual str
 from __future__ import annotations
 
 import mmlens.organisms as organisms
+from mmlens.organisms.clip import PROMPTS
 from mmlens.organisms.vlm import PROMPT, answer_first_tokens
 from mmlens.world import make_scene
-from mmlens.world.scene import COLOURS, SHAPES
 
 
 def main(seed: int = 3) -> dict:
@@ -25,7 +25,7 @@ def main(seed: int = 3) -> dict:
 
     # 2. the clip organism's zero-shot label for the first object, cropped by its ground-truth box
     clip = organisms.load("clip")
-    prompts = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    prompts = PROMPTS  # "a {colour} {shape}", every pair the world draws
     x0, y0, x1, y1 = scene.boxes[0]
     crop = scene.pil().crop((x0, y0, x1, y1)).resize((48, 48))
     inputs = clip.processor(text=prompts, images=[crop], return_tensors="pt", padding=True)

@@ -13,6 +13,7 @@ import torch
 
 from ..world import make_scene, single_object_scene
 from ..world.scene import BACKGROUNDS, COLOURS, SHAPES
+from .clip import PROMPTS
 from .data import EVAL_SEED_OFFSET
 
 
@@ -27,7 +28,7 @@ def _lens(model_or_path):
 def evaluate_clip(model_or_path, n: int = 480, seed: int = 0, batch: int = 96) -> dict:
     """Zero-shot colour and shape of single-object scenes on random textures, via the organism's processor."""
     lens = _lens(model_or_path)
-    prompts = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    prompts = PROMPTS
     rng = np.random.RandomState(EVAL_SEED_OFFSET + seed)
     scenes = [single_object_scene(EVAL_SEED_OFFSET + seed * 100_000 + k, background=BACKGROUNDS[rng.randint(4)],
                                   size=lens.model.config.vision_config.image_size) for k in range(n)]
@@ -82,7 +83,7 @@ def evaluate_diffusion(model_or_path, per_prompt: int = 4, steps: int = 25, guid
     from ..world.judge import classify
 
     lens = _lens(model_or_path)
-    prompts = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    prompts = PROMPTS
     gen = torch.Generator().manual_seed(EVAL_SEED_OFFSET + seed)
     size = lens.model.unet.config.sample_size * lens.model.vae_scale_factor
     images = lens.model(prompts * per_prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen,

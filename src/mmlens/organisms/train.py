@@ -72,9 +72,9 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, hold: float = 0.0
     if step < warmup:
         return peak * (step + 1) / warmup
     start = warmup + hold * (total - warmup)
-    if step >= total or step < start or hold >= 1.0:
-        return peak if step < start or hold >= 1.0 else 0.05 * peak
-    p = (step - start) / max(1.0, total - start)
+    if hold >= 1.0 or step < start:
+        return peak
+    p = min(1.0, (step - start) / max(1.0, total - start))
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 

@@ -67,9 +67,12 @@ def _encode_turns(tok, qa: list[tuple[str, str]], memo: dict[str, list[int]]) ->
 def answer_first_tokens(lens, scenes, questions) -> list[str]:
     """Greedy first answer word for each (scene, question), through the organism's own processor."""
     tok = lens.processor.tokenizer
-    tok.padding_side = "left"
-    inputs = lens.processor(text=[PROMPT.format(question=q) for q in questions], images=[s.pil() for s in scenes],
-                            return_tensors="pt", padding=True)
+    side, tok.padding_side = tok.padding_side, "left"  # the answer is read at the last position of every row
+    try:
+        inputs = lens.processor(text=[PROMPT.format(question=q) for q in questions],
+                                images=[s.pil() for s in scenes], return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
     ids = inputs["input_ids"]
     if (ids[:, -1] == tok.eos_token_id).all():  # the word template appends </s>; the answer comes before it
         inputs = {k: (v[:, :-1] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
@@ -89,16 +92,14 @@ def patch_labels(scene, grid: int) -> np.ndarray:
     """(grid*grid,) index into SHAPES of each patch's object, len(SHAPES) for background."""
     from ..world.scene import SHAPES
 
-    obj = patch_objects(scene, grid)
-    return np.array([len(SHAPES) if o < 0 else SHAPES.index(scene.objects[o].shape) for o in obj])
+    per_object = np.array([SHAPES.index(o.shape) for o in scene.objects] + [len(SHAPES)])
+    return per_object[patch_objects(scene, grid)]  # -1 picks the appended background entry
 
 
 def patch_words(scene, grid: int, tok) -> np.ndarray:
     """(grid*grid, 2) token ids of each patch's object's colour and shape words, -1 for background."""
-    obj = patch_objects(scene, grid)
-    words = [(-1, -1) if o < 0 else tuple(tok.convert_tokens_to_ids([scene.objects[o].colour, scene.objects[o].shape]))
-             for o in obj]
-    return np.array(words)
+    per_object = np.array([tok.convert_tokens_to_ids([o.colour, o.shape]) for o in scene.objects] + [[-1, -1]])
+    return per_object[patch_objects(scene, grid)]  # -1 picks the appended background row
 
 
 def _monitor(model, tok, every: int):
@@ -196,7 +197,7 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
     def grounding(logits: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """At each object patch's image token the LM names the object's colour and shape (half the mass each):
         the LM's stream must carry both where attention can key on them, which is what binding questions need."""
-        first = 2  # the sequence opens `<s>`, then the CLS image token ("full" strategy), then the patches
+        first = 1 + N_IMAGE_TOKENS - w.shape[1]  # after `<s>` and any image token that is not a patch (CLS)
         logp = logits[:, first : first + w.shape[1]].log_softmax(-1)
         fg = w[..., 0] >= 0
         picked = logp.gather(-1, w.clamp(min=0))  # (batch, patches, 2)
