@@ -94,14 +94,14 @@ def _diffusion(report: Report, lens, organism: bool) -> object:
     size = lens.model.unet.config.sample_size * lens.model.vae_scale_factor
     out, cache = lens.generate(prompts, num_inference_steps=20 if organism else 4, guidance_scale=1.5, height=size,
                                width=size, output_type="np", generator=torch.Generator().manual_seed(0),
-                               names=["unet.*.cross.probs", "unet.mid.out", "text_encoder.blocks.*.resid_post"])
+                               names=["unet.*.cross.pattern", "unet.mid.out", "text_encoder.blocks.*.resid_post"])
     from .world.judge import classify
 
     verdicts = [classify((im * 255).round().astype(np.uint8)) for im in out.images]
     report.figure(_fig(list(out.images), [f"{p}\njudge: {c} {s}" for p, (c, s) in zip(prompts, verdicts)]),
                   "samples, judged by the world's pixel judge")
     # the decoder's finest cross-attention (which up block holds it depends on the UNet's layout)
-    name = max((n for n in cache if n.startswith("unet.up.") and n.endswith(".cross.probs")),
+    name = max((n for n in cache if n.startswith("unet.up.") and n.endswith(".cross.pattern")),
                key=lambda n: cache.get(n, step=cache.steps[-1]).shape[2])
     probs = cache.get(name, step=cache.steps[-1], branch="cond")  # (prompts, heads, hw, text tokens)
     side = int(probs.shape[2] ** 0.5)

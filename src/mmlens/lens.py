@@ -267,6 +267,23 @@ class Lens:
             raise TypeError(f"token_map is defined for generative VLMs; {self.architecture} is {self.family}")
         return self.adapter.token_map(dict(inputs), self.processor)
 
+    # ---------------------------------------------------------------------------------------- read-out maps
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Generative VLMs: the LM's final norm then its unembedding, `(..., d_model) -> (..., vocab)`.
+
+        `lens.unembed(cache["lm.blocks.{last}.resid_post"])` equals the model's logits; on earlier blocks it is
+        the logit lens. Defined by each generative adapter (`models/readout.py`).
+        """
+        return self.adapter.unembed(resid)
+
+    def project(self, x: torch.Tensor, tower: str = "vision", *, normalize: bool = False) -> torch.Tensor:
+        """Contrastive models: a tower's residual stream into the joint embedding space (final norm, projection).
+
+        CLIP: `(..., d_model) -> (..., d_proj)` for any residual vector (the class/EOS token's gives the model's
+        embedding). `normalize=True` L2-normalises as the model does before its logits.
+        """
+        return self.adapter.project(x, tower, normalize=normalize)
+
     def __repr__(self) -> str:
         return (f"Lens({self.architecture}, {self.family}, {type(self.model).__name__}, "
                 f"{len(self.sites)} hook points)")

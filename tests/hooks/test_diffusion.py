@@ -14,8 +14,8 @@ def _gen(lens, **kw):
 
 
 @pytest.mark.parametrize("name,site,text_tokens", [
-    ("sd", "unet.up.1.attn.0.cross.probs", 16),
-    ("pixart", "dit.blocks.1.cross.probs", 16),
+    ("sd", "unet.up.1.attn.0.cross.pattern", 16),
+    ("pixart", "dit.blocks.1.cross.pattern", 16),
 ])
 def test_cross_attention_sums_to_one_per_step_and_branch(tiny_lens, name, site, text_tokens):
     lens = tiny_lens(name)
@@ -39,7 +39,7 @@ def test_sd_probs_equal_classic_processor_and_manual_recomputation(tiny_lens, ti
     fast = tiny_lens("sd")
     eager = mmlens.load(tiny_folder("sd"))
     eager.model.unet.set_attn_processor(AttnProcessor())
-    names = ["unet.down.0.attn.0.cross.probs", "unet.down.0.attn.0.self.probs", "unet.down.0.attn.0.cross.q",
+    names = ["unet.down.0.attn.0.cross.pattern", "unet.down.0.attn.0.self.pattern", "unet.down.0.attn.0.cross.q",
              "unet.down.0.attn.0.cross.k"]
     kw = dict(num_inference_steps=2, guidance_scale=4.0, names=names, generator=None)
     torch.manual_seed(0)
@@ -52,15 +52,15 @@ def test_sd_probs_equal_classic_processor_and_manual_recomputation(tiny_lens, ti
     q = a.get("unet.down.0.attn.0.cross.q", step=1).transpose(1, 2)  # (b, heads, hw, d)
     k = a.get("unet.down.0.attn.0.cross.k", step=1).transpose(1, 2)
     manual = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-    torch.testing.assert_close(a.get("unet.down.0.attn.0.cross.probs", step=1), manual, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.get("unet.down.0.attn.0.cross.pattern", step=1), manual, atol=1e-5, rtol=0)
 
 
 def test_pixart_cross_attention_respects_text_mask(tiny_lens):
     """PixArt masks padded text tokens: their probability is ~0 (the model's own mask is applied)."""
     lens = tiny_lens("pixart")
-    _, cache = _gen(lens, num_inference_steps=2, guidance_scale=1.0, names="dit.blocks.0.cross.probs",
+    _, cache = _gen(lens, num_inference_steps=2, guidance_scale=1.0, names="dit.blocks.0.cross.pattern",
                     max_sequence_length=16)
-    p = cache.get("dit.blocks.0.cross.probs", step=0)
+    p = cache.get("dit.blocks.0.cross.pattern", step=0)
     n_real = len(lens.model.tokenizer("a red square")["input_ids"])
     assert p[..., n_real:].max() < 1e-6
     torch.testing.assert_close(p[..., :n_real].sum(-1), torch.ones_like(p[..., 0]), atol=1e-5, rtol=0)
@@ -69,8 +69,8 @@ def test_pixart_cross_attention_respects_text_mask(tiny_lens):
 def test_sd3_joint_attention(tiny_lens):
     lens = tiny_lens("sd3")
     _, cache = _gen(lens, num_inference_steps=2, guidance_scale=1.0,
-                    names=["dit.blocks.0.joint.probs", "dit.blocks.0.joint.q", "dit.blocks.0.joint.context_q"])
-    p = cache.get("dit.blocks.0.joint.probs", step=1)
+                    names=["dit.blocks.0.joint.pattern", "dit.blocks.0.joint.q", "dit.blocks.0.joint.context_q"])
+    p = cache.get("dit.blocks.0.joint.pattern", step=1)
     n_img = cache.get("dit.blocks.0.joint.q", step=1).shape[1]
     n_txt = cache.get("dit.blocks.0.joint.context_q", step=1).shape[1]
     assert p.shape == (1, 4, n_img + n_txt, n_img + n_txt)
@@ -115,9 +115,9 @@ def test_step_range_edit_changes_only_later_steps(tiny_lens):
 def test_processors_restored_and_cache_missing_step_error(tiny_lens):
     lens = tiny_lens("sd")
     before = {k: type(v) for k, v in lens.model.unet.attn_processors.items()}
-    _, cache = _gen(lens, num_inference_steps=2, guidance_scale=3.0, names="unet.*.probs")
+    _, cache = _gen(lens, num_inference_steps=2, guidance_scale=3.0, names="unet.*.pattern")
     assert {k: type(v) for k, v in lens.model.unet.attn_processors.items()} == before
     with pytest.raises(KeyError, match="no value at step 7"):
-        cache.get("unet.mid.attn.0.cross.probs", step=7)
+        cache.get("unet.mid.attn.0.cross.pattern", step=7)
     with pytest.raises(KeyError, match="branches"):
-        cache.get("unet.mid.attn.0.cross.probs", step=0, branch="other")
+        cache.get("unet.mid.attn.0.cross.pattern", step=0, branch="other")

@@ -102,7 +102,7 @@ def test_hooks_chain_and_cache_sees_edit(tiny_lens):
 
 
 @pytest.mark.parametrize("name,site", [("llava", "lm.blocks.1.attn.pattern"), ("llava", "lm.blocks.0.resid_pre"),
-                                       ("sd", "unet.mid.attn.0.cross.probs"), ("clip", "vision.blocks.1.mlp.post")])
+                                       ("sd", "unet.mid.attn.0.cross.pattern"), ("clip", "vision.blocks.1.mlp.post")])
 def test_no_hook_left_after_exception(tiny_lens, name, site):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

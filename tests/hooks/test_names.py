@@ -20,10 +20,10 @@ REQUIRED = {
     "paligemma": ["vision.blocks.1.resid_post", "lm.blocks.1.attn.pattern", "projector.out", "logits"],
     "blip2": ["vision.blocks.1.resid_post", "qformer.blocks.1.resid_post", "qformer.blocks.0.cross.pattern",
               "lm.blocks.1.resid_post", "lm.blocks.1.attn.pattern", "projector.out", "logits"],
-    "sd": ["text_encoder.blocks.1.resid_post", "unet.up.1.attn.0.cross.probs", "unet.down.0.attn.0.self.probs",
-           "unet.mid.attn.0.cross.probs", "unet.out"],
-    "pixart": ["text_encoder.blocks.1.resid_post", "dit.blocks.1.cross.probs", "dit.blocks.1.self.probs", "dit.out"],
-    "sd3": ["text_encoder.blocks.1.resid_post", "text_encoder_2.blocks.1.resid_post", "dit.blocks.1.joint.probs",
+    "sd": ["text_encoder.blocks.1.resid_post", "unet.up.1.attn.0.cross.pattern", "unet.down.0.attn.0.self.pattern",
+           "unet.mid.attn.0.cross.pattern", "unet.out"],
+    "pixart": ["text_encoder.blocks.1.resid_post", "dit.blocks.1.cross.pattern", "dit.blocks.1.self.pattern", "dit.out"],
+    "sd3": ["text_encoder.blocks.1.resid_post", "text_encoder_2.blocks.1.resid_post", "dit.blocks.1.joint.pattern",
             "dit.blocks.0.context_resid_post", "dit.out"],
 }
 PER_BLOCK = ["resid_pre", "resid_post", "attn.q", "attn.k", "attn.v", "attn.z", "attn.out", "attn.pattern",
@@ -67,7 +67,7 @@ def test_unknown_name_lists_close_matches(tiny_lens):
     assert "'lm.blocks.1.resid_pots'" in msg and "lm.blocks.1.resid_post" in msg and "models/llava.py" in msg
     with pytest.raises(ValueError, match="vision.blocks.0.attn.pattern"):
         lens.hooks({"vision.block.0.attn.pattern": lambda x, c: None}).__enter__()
-    with pytest.raises(ValueError, match="unknown hook point 'nothing.*'"):
+    with pytest.raises(ValueError, match="glob matching no hook point 'nothing.\*'"):
         lens.hook_points("nothing.*")
 
 

@@ -10,14 +10,15 @@ from .towers import clip_like_text
 
 
 def attention_rows(prefix: str, attn: str, kind: str) -> list[Row]:
-    """q/k/v/out/probs of one diffusers `Attention` module at path `attn`, named `{prefix}{kind}.*`."""
+    """q/k/v/z/out/pattern of one diffusers `Attention` module at path `attn`, named `{prefix}{kind}.*`."""
     n = f"{prefix}{kind}."
     return [
         Row(n + "q", f"{attn}.to_q", heads=True, layout="(batch, query_tokens, heads, d_head)"),
         Row(n + "k", f"{attn}.to_k", heads=True, layout="(batch, key_tokens, heads, d_head)"),
         Row(n + "v", f"{attn}.to_v", heads=True, layout="(batch, key_tokens, heads, d_head)"),
+        Row(n + "z", f"{attn}.to_out.0", "in", heads=True, layout="(batch, query_tokens, heads, d_head)"),
         Row(n + "out", f"{attn}.to_out.0", layout="(batch, query_tokens, d_model)"),
-        Row(n + "probs", attn, "pattern", layout="(batch, heads, query_tokens, key_tokens)"),
+        Row(n + "pattern", attn, "pattern", layout="(batch, heads, query_tokens, key_tokens)"),
     ]
 
 

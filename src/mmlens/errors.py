@@ -1,0 +1,15 @@
+"""The exceptions mmlens raises on bad input, so callers can catch them by kind and messages stay in one style."""
+
+from __future__ import annotations
+
+
+class UnknownNameError(KeyError, ValueError):
+    """A hook point or cache entry that does not exist. A KeyError (so `Mapping.get` and `in` behave) and a
+    ValueError (a bad argument); its message quotes the name and lists the closest valid ones."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class LensBusyError(RuntimeError):
+    """A Lens (or the model under it) is already in use by another thread."""
