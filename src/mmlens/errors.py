@@ -13,3 +13,13 @@ class UnknownNameError(KeyError, ValueError):
 
 class LensBusyError(RuntimeError):
     """A Lens (or the model under it) is already in use by another thread."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder mmlens will not or cannot load: a config that is not valid JSON or lacks a field, a
+    truncated or corrupt safetensors file. The message quotes the file and says what to fix."""
+
+
+class PickleWeightsError(CheckpointError):
+    """Weights stored only in pickle format (.bin, .pt, .ckpt): unpickling can run arbitrary code, so mmlens
+    refuses them and says how to convert to safetensors."""

@@ -4,21 +4,47 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .hooks.attention import check_selection
 from .hooks.cache import ActivationCache
+from .hooks.checks import (check_cache_options, check_hook_map, check_model_inputs, check_pipeline_kwargs, check_steps,
+                           default_steps)
 from .hooks.context import HookContext
 from .hooks.names import natural_sorted, resolve
 from .hooks.session import HookFn, HookSession
 from .hooks.sites import Site, expand
-from .hooks.steps import BRANCHES_CFG, StepCache, StepState
+from .hooks.steps import StepCache
+from .hooks.tracking import StepTracker, guard_for
 from .models.base import Adapter
 
 Names = str | Sequence[str] | None
+_RUN_ARGS = ("names", "hooks", "cache_device", "cache_dtype", "attn_rows", "attn_heads", "grad")
+_GENERATE_ARGS = ("names", "hooks", "steps", "record_steps", "cache_device", "cache_dtype", "attn_rows", "attn_heads",
+                  "progress")
+
+
+@contextlib.contextmanager
+def _progress(pipeline, show: bool) -> Iterator[None]:
+    """Hide a diffusers pipeline's progress bar for one call, then restore its own settings."""
+    if show or not hasattr(pipeline, "set_progress_bar_config"):
+        yield
+        return
+    had = "_progress_bar_config" in vars(pipeline)
+    saved = dict(getattr(pipeline, "_progress_bar_config", {}))
+    pipeline.set_progress_bar_config(**{**saved, "disable": True})
+    try:
+        yield
+    finally:
+        if had:
+            pipeline._progress_bar_config = saved
+        else:
+            del pipeline._progress_bar_config
 
 
 class Lens:
@@ -37,7 +63,9 @@ class Lens:
         self.sites: dict[str, Site] = expand(adapter.rows(), adapter.root())
         self._names = natural_sorted(self.sites)
         self._name_set = frozenset(self._names)
-        self._state = StepState()
+        denoiser = getattr(adapter, "denoiser", None)
+        self._steps = StepTracker(model, denoiser) if denoiser is not None else None
+        self._guard = guard_for(model)
 
     # ---------------------------------------------------------------------------------------------- naming
     @property
@@ -69,10 +97,12 @@ class Lens:
                 lines.append(key)
         return "\n".join(lines)
 
-    def resolve(self, names: Names) -> list[str]:
+    def resolve(self, names: Names, *, arg: str = "names") -> list[str]:
+        """Names and globs -> canonical names (None: every site but attention maps); unknown ones raise
+        UnknownNameError listing the closest valid names."""
         if names is None:
             return [n for n in self._names if self.sites[n].row.read != "pattern"]
-        return resolve(names, self._names, where=self._table_file(), valid_set=self._name_set)
+        return resolve(names, self._names, where=self._table_file(), valid_set=self._name_set, arg=arg)
 
     def _table_file(self) -> str:
         return f"the name table in {type(self.adapter).__module__.replace('.', '/')}.py"
@@ -92,13 +122,35 @@ class Lens:
     ) -> Iterator[HookSession]:
         """Hooks alive for the `with` block only, removed on exit also when the block raises.
 
-        `fns` maps names or globs to `fn(value, ctx)`; a function returning a tensor replaces the value.
-        `attn_rows`/`attn_heads` restrict computed attention probabilities to those query rows / heads (the same
-        positions in every batch row); a dict `{glob: selection}` sets them per site.
-        Diffusion: `steps` limits denoiser hooks (`fns`) and `record_steps` denoiser captures to those step
+        `fns` maps names or globs to `fn(value, ctx)`; a function returning a tensor replaces the value (cast to
+        the value's dtype and device). `attn_rows`/`attn_heads` restrict computed attention probabilities to those
+        query rows / heads (ints, negatives from the end, a bool mask or a slice; the same positions in every batch
+        row); a dict `{glob: selection}` sets them per site.
+        Diffusion only: `steps` limits denoiser hooks (`fns`) and `record_steps` denoiser captures to those step
         indices; text-encoder hooks always fire. `guidance` says whether the denoiser batch holds
         [uncond, cond] halves (default: ask the pipeline).
+        Blocks may nest and exit in any order. A model serves one thread at a time: another thread's call while
+        this block is open raises LensBusyError.
         """
+        with self._guard("lens.hooks"):
+            session = self._session(fns, captures, attn_rows, attn_heads, steps, record_steps, guidance)
+            with contextlib.ExitStack() as stack:
+                if self._steps is not None:
+                    stack.enter_context(self._steps.track(guidance))
+                stack.enter_context(session)
+                yield session
+
+    def _session(self, fns, captures, attn_rows, attn_heads, steps, record_steps, guidance,
+                 n_steps: int | None = None) -> HookSession:
+        """Validate every argument, then build (not enter) the session."""
+        if self._steps is None:
+            given = [k for k, v in (("steps", steps), ("record_steps", record_steps), ("guidance", guidance)) if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: denoising steps exist only in diffusion pipelines; "
+                                 f"{self.architecture} is a {self.family} model")
+        elif guidance is not None and not isinstance(guidance, bool):
+            raise TypeError(f"guidance must be True, False or None; got {guidance!r:.40}")
+        fire, record = check_steps(steps, "steps", n_steps), check_steps(record_steps, "record_steps", n_steps)
         denoiser = getattr(self.adapter, "denoiser", None)
 
         def is_denoiser(site: Site) -> bool:
@@ -109,64 +161,38 @@ class Lens:
                 return fn(value, ctx) if ctx.step is None or ctx.step in step_set else None
             return fn if step_set is None else gated
 
-        fire, record = (None if s is None else set(s) for s in (steps, record_steps))
-        fn_map = {n: [at(fire, f) for f in fs] for n, fs in self._expand_map(fns or {}).items()}
-        cap_map = {n: [at(record, f) for f in fs] for n, fs in self._expand_map(captures or {}).items()}
+        fn_map = {n: [at(fire, f) for f in fs] for n, fs in self._expand_map(fns, "hooks").items()}
+        cap_map = {n: [at(record, f) for f in fs] for n, fs in self._expand_map(captures, "captures").items()}
+        state = self._steps.state if self._steps is not None else None
 
         def enabled(site: Site) -> bool:
             if not is_denoiser(site):
                 return True
-            step = self._state.step
-            return bool(site.name in fn_map and (fire is None or step in fire)
-                        or site.name in cap_map and (record is None or step in record))
+            return bool(site.name in fn_map and (fire is None or state.step in fire)
+                        or site.name in cap_map and (record is None or state.step in record))
 
         def context(site: Site) -> HookContext:
             if is_denoiser(site):
-                s = self._state
-                return HookContext(site.name, site.path, s.step, s.timestep, s.branches)
+                return HookContext(site.name, site.path, state.step, state.timestep, state.branches)
             return HookContext(site.name, site.path)
 
-        session = HookSession(self.sites, fn_map, cap_map, context=context, enabled=enabled,
-                              attn_rows=self._per_site(attn_rows), attn_heads=self._per_site(attn_heads))
-        with contextlib.ExitStack() as stack:
-            if denoiser is not None:
-                stack.enter_context(self._track_steps(guidance))
-            stack.enter_context(session)
-            yield session
+        return HookSession(self.sites, fn_map, cap_map, context=context, enabled=enabled,
+                           attn_rows=self._per_site(attn_rows, "attn_rows"),
+                           attn_heads=self._per_site(attn_heads, "attn_heads"))
 
-    def _per_site(self, sel):
+    def _per_site(self, sel, arg: str):
         if not isinstance(sel, Mapping):
-            return sel
-        return {name: v for pattern, v in sel.items() for name in self.resolve(pattern)}
+            return check_selection(sel, arg)
+        return {name: check_selection(v, f"{arg}[{pattern!r}]") for pattern, v in sel.items()
+                for name in self.resolve(pattern, arg=arg)}
 
-    def _expand_map(self, fns: Mapping[str, HookFn | Sequence[HookFn]]) -> dict[str, list[HookFn]]:
+    def _expand_map(self, fns, arg: str) -> dict[str, list[HookFn]]:
         out: dict[str, list[HookFn]] = {}
-        for pattern, fn in fns.items():
+        for pattern, fn in check_hook_map(fns, arg).items():
             chain = list(fn) if isinstance(fn, (list, tuple)) else [fn]
-            for name in self.resolve(pattern):
+            for name in self.resolve(pattern, arg=arg):
                 out.setdefault(name, []).extend(chain)
         return out
-
-    @contextlib.contextmanager
-    def _track_steps(self, guidance: bool | None):
-        module = getattr(self.model, self.adapter.denoiser)
-        state = self._state
-        state.reset()
-
-        def pre(mod, args, kwargs):
-            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            cfg = guidance if guidance is not None else bool(getattr(self.model, "do_classifier_free_guidance", False))
-            state.step = state.calls
-            state.timestep = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else t
-            state.branches = BRANCHES_CFG if cfg else ("cond",)
-            state.calls += 1
-
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            yield state
-        finally:
-            handle.remove()
-            state.reset()
 
     # ------------------------------------------------------------------------------------------------- runs
     @property
@@ -183,9 +209,10 @@ class Lens:
         m = self.model if isinstance(self.model, nn.Module) else getattr(self.model, self.adapter.denoiser)
         return next(m.parameters()).dtype
 
-    def prepare(self, inputs: Mapping[str, Any] | None = None, **kwargs) -> dict[str, Any]:
-        """Processor output or keyword tensors, moved to the model's first device; floats in its dtype."""
-        merged = {**dict(inputs or {}), **kwargs}
+    def prepare(self, inputs: Mapping[str, Any] | None = None, *, where: str = "lens.prepare",
+                suggest: Sequence[str] = (), **kwargs) -> dict[str, Any]:
+        """Processor output or keyword tensors, checked, moved to the model's first device; floats in its dtype."""
+        merged = check_model_inputs(self, inputs, kwargs, where, suggest)
         out = {}
         for k, v in merged.items():
             if isinstance(v, torch.Tensor):
@@ -196,9 +223,16 @@ class Lens:
         return out
 
     def __call__(self, inputs: Mapping[str, Any] | None = None, **kwargs):
-        if self.family == "diffusion":
-            return self.model(**{**dict(inputs or {}), **kwargs})
-        return self.model(**self.prepare(inputs, **kwargs))
+        """The model's forward on processor output (a diffusion pipeline: its __call__ with these keywords)."""
+        with self._guard("lens(...)"):
+            if self.family == "diffusion":
+                if inputs is not None and not isinstance(inputs, Mapping):
+                    raise TypeError(f"lens(...) on a pipeline takes keyword arguments (or a dict of them); got "
+                                    f"{type(inputs).__name__}")
+                merged = {**dict(inputs or {}), **kwargs}
+                check_pipeline_kwargs(self, merged, "lens(...)")
+                return self.model(**merged)
+            return self.model(**self.prepare(inputs, where="lens(...)", **kwargs))
 
     def run_with_cache(
         self,
@@ -216,15 +250,23 @@ class Lens:
         """One forward pass recording `names` (default: every site but attention maps).
 
         Returns the model's output and an ActivationCache. `cache_device="cpu"` and `cache_dtype` move values
-        as they are recorded; `hooks` edit the run (the cache holds the edited values).
+        as they are recorded; `hooks` edit the run (the cache holds the edited values). `grad=True` runs with
+        gradients and records the tensors the model really used, still in the graph, so
+        `torch.autograd.grad(metric, cache[name])` works (attention maps then route the output through them).
+        Other keywords go to the model's forward and must be parameters it accepts.
         """
         if self.family == "diffusion":
+            if grad:
+                raise ValueError("grad=True is not supported on diffusion pipelines (they sample under no_grad)")
             return self.generate(names=names, hooks=hooks, cache_device=cache_device, cache_dtype=cache_dtype,
                                  attn_rows=attn_rows, attn_heads=attn_heads, **{**dict(inputs or {}), **kwargs})
-        cache = ActivationCache(cache_device, cache_dtype)
+        check_cache_options(grad, cache_device, cache_dtype, attn_rows, attn_heads)
+        cache = ActivationCache(cache_device, cache_dtype, keep_graph=grad)
         caps = {n: [lambda v, ctx: cache.record(ctx.name, v)] for n in self.resolve(names)}
-        with self.hooks(hooks, captures=caps, attn_rows=attn_rows, attn_heads=attn_heads), torch.set_grad_enabled(grad):
-            output = self(inputs, **kwargs)
+        with self._guard("lens.run_with_cache"):
+            prepared = self.prepare(inputs, where="lens.run_with_cache", suggest=_RUN_ARGS, **kwargs)
+            with self.hooks(hooks, captures=caps, attn_rows=attn_rows, attn_heads=attn_heads), torch.set_grad_enabled(grad):
+                output = self.model(**prepared)
         return output, cache
 
     def generate(
@@ -239,26 +281,46 @@ class Lens:
         cache_dtype: torch.dtype | None = None,
         attn_rows=None,
         attn_heads=None,
+        progress: bool = True,
         **pipe_kwargs,
     ) -> tuple[Any, StepCache]:
         """Run the diffusion pipeline, recording `names` at every denoising step and guidance branch.
 
-        `steps` limits `hooks` on denoiser sites to those step indices (0-based), `record_steps` the recording.
+        `steps` limits `hooks` on denoiser sites to those step indices (0-based, negatives from the end),
+        `record_steps` the recording. `progress=False` hides the pipeline's progress bar. Other keywords go to the
+        pipeline and must be parameters of its __call__.
         Returns the pipeline output and a StepCache (`cache.get(name, step=t, branch="cond")`).
         """
         if self.family != "diffusion":
             raise TypeError(f"generate() records denoising steps; {self.architecture} is a {self.family} model. "
                             "Use run_with_cache, or model.generate for text generation.")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False; got {progress!r:.40}")
         if prompt is not None:
             pipe_kwargs["prompt"] = prompt
+        check_pipeline_kwargs(self, pipe_kwargs, "lens.generate", _GENERATE_ARGS)
+        n_steps = default_steps(self, pipe_kwargs)
         guidance = pipe_kwargs.get("guidance_scale")
         cfg = None if guidance is None else guidance > 1
         cache = StepCache(cache_device, cache_dtype)
         caps = {n: [lambda v, ctx: cache.record_ctx(ctx.name, v, ctx)] for n in self.resolve(names)}
-        with self.hooks(hooks, captures=caps, attn_rows=attn_rows, attn_heads=attn_heads, steps=steps,
-                        record_steps=record_steps, guidance=cfg):
-            with torch.no_grad():
-                output = self.model(**pipe_kwargs)
+        with self._guard("lens.generate"):
+            session = self._session(hooks, caps, attn_rows, attn_heads, steps, record_steps, cfg, n_steps)
+            fire, record = check_steps(steps, "steps", n_steps), check_steps(record_steps, "record_steps", n_steps)
+            seen: set[int] = set()
+            with self._steps.track(cfg), session, _progress(self.model, progress):
+                self._steps.restart()
+                watch = getattr(self.model, self.adapter.denoiser).register_forward_pre_hook(
+                    lambda *a: seen.add(self._steps.state.step))
+                try:
+                    with torch.no_grad():
+                        output = self.model(**pipe_kwargs)
+                finally:
+                    watch.remove()
+        for arg, wanted in (("steps", fire), ("record_steps", record)):
+            if wanted and wanted - seen:
+                warnings.warn(f"{arg}: steps {sorted(wanted - seen)} never ran (the pipeline ran steps "
+                              f"{sorted(seen) if seen else 'none'}); their hooks did not fire", stacklevel=2)
         return output, cache
 
     def token_map(self, inputs: Mapping[str, Any]):

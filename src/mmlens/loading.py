@@ -1,8 +1,11 @@
-"""`mmlens.load`: a local folder or a loaded object -> Lens, through the real `from_pretrained`."""
+"""`mmlens.load`: a local folder or a loaded object -> Lens, through the real `from_pretrained`.
+
+Weights come from safetensors only (`use_safetensors=True` on every `from_pretrained`, and `checkpoints` refuses
+pickle-only folders first): mmlens never unpickles, since a pickle can run arbitrary code when loaded.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -10,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from .checkpoints import check_weights, read_config
+from .errors import CheckpointError
 from .lens import Lens
 from .models.registry import adapter_for
 
@@ -20,14 +25,22 @@ def _class_of_folder(folder: Path) -> tuple[str, str]:
     """('transformers' | 'diffusers', class name) from config.json / model_index.json."""
     index = folder / "model_index.json"
     if index.exists():
-        return "diffusers", json.loads(index.read_text())["_class_name"]
+        name = read_config(index).get("_class_name")
+        if not isinstance(name, str):
+            raise CheckpointError(f"{index} has no '_class_name' string (the diffusers pipeline class, e.g. "
+                                  f"\"StableDiffusionPipeline\"); got {name!r}. Re-save the pipeline with "
+                                  "save_pretrained")
+        return "diffusers", name
     config = folder / "config.json"
     if not config.exists():
         raise FileNotFoundError(
             f"{folder} holds neither config.json (transformers) nor model_index.json (diffusers pipeline)"
         )
-    cfg = json.loads(config.read_text())
+    cfg = read_config(config)
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"{config}: 'architectures' must be a list of class names, e.g. [\"CLIPModel\"]; "
+                              f"got {archs!r}")
     if archs:
         return "transformers", archs[0]
     if "_class_name" in cfg:
@@ -54,10 +67,16 @@ def _load_pipeline(folder: Path, class_name: str, kwargs: dict):
     cls = getattr(diffusers, class_name, None)
     if cls is None:
         raise ValueError(f"diffusers has no pipeline class {class_name!r} (model_index.json in {folder})")
-    index = json.loads((folder / "model_index.json").read_text())
-    for comp, spec in index.items():  # components saved as None (e.g. SD3 without T5) must be passed as None
-        if not comp.startswith("_") and isinstance(spec, list) and spec[0] is None and comp not in kwargs:
-            kwargs[comp] = None
+    index = read_config(folder / "model_index.json")
+    for comp, spec in index.items():
+        if comp.startswith("_") or not isinstance(spec, list) or not spec:
+            continue
+        if spec[0] is None:  # components saved as None (e.g. SD3 without T5) must be passed as None
+            kwargs.setdefault(comp, None)
+        elif comp not in kwargs and (folder / comp).is_dir():  # loaded from its subfolder: check it first
+            if (folder / comp / "config.json").exists():
+                read_config(folder / comp / "config.json")
+            check_weights(folder / comp, saver="pipe")
     return cls.from_pretrained(folder, **kwargs)
 
 
@@ -65,9 +84,15 @@ def load(path_or_model: str | os.PathLike | Any, processor: Any = None, **kwargs
     """Load a supported model or pipeline from a local folder, or wrap one already loaded.
 
     Keyword arguments go to `from_pretrained` (`torch_dtype`/`dtype`, `device_map="auto"`,
-    `attn_implementation`, ...). Nothing is downloaded: pass a local folder.
+    `attn_implementation`, ...). Nothing is downloaded: pass a local folder. Weights load from safetensors only.
     """
     if isinstance(path_or_model, (str, os.PathLike)):
+        safe = kwargs.pop("use_safetensors", None)
+        if safe is not None and safe is not True:
+            raise ValueError(f"use_safetensors={safe!r} is not allowed: mmlens loads safetensors weights only and "
+                             "never unpickles. Leave it out; to convert a .bin checkpoint, load it yourself in a "
+                             "trusted environment and save_pretrained(folder)")
+        kwargs["use_safetensors"] = True
         folder = Path(path_or_model)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder; mmlens loads local checkpoints only (no hub access)")
@@ -79,6 +104,7 @@ def load(path_or_model: str | os.PathLike | Any, processor: Any = None, **kwargs
             import transformers
 
             cls = getattr(transformers, class_name)
+            check_weights(folder)
             model = cls.from_pretrained(folder, **kwargs)
             model.eval()
             if processor is None:

@@ -3,35 +3,96 @@
 Transformers 5 runs SDPA by default and then returns no attention weights; diffusers never returns them.
 Both libraries hand q, k, v, the mask and the scale to one kernel function, so mmlens taps that call:
 
-* transformers: for the duration of a `with` block, `ALL_ATTENTION_FUNCTIONS` maps the implementation
-  key (`sdpa`, `eager`, `flash_attention_2`, ...) to a wrapper. Modules that are not hooked pass straight
-  through to the original kernel.
-* diffusers: the hooked `Attention` modules get a processor that calls their original processor with
-  `F.scaled_dot_product_attention` (or, for the classic `AttnProcessor`, `get_attention_scores`)
-  observed for the duration of that one call.
+* transformers: while any session needs it, `ALL_ATTENTION_FUNCTIONS` maps an implementation key (`sdpa`,
+  `eager`, ...) to one process-wide dispatcher. It looks the calling module up in a registry of handlers, so
+  modules nobody hooked (another model, another thread's model) pass straight through to the original kernel.
+  The entry is installed by the first session and removed by the last, restored by identity, under a lock.
+* diffusers: a hooked `Attention` module gets one tap processor that calls its original processor; while that
+  call runs, a thread-local `TorchFunctionMode` observes `F.scaled_dot_product_attention` (no module global is
+  swapped, so other threads and other pipelines never see it), and the classic `AttnProcessor`'s
+  `attn.get_attention_scores` is wrapped on that one module. Nested sessions share the tap.
 
 The probabilities are recomputed from the kernel's own q (after rotary / M-RoPE), k, mask and scale,
 with grouped-query heads repeated, and only for the query rows and heads asked for. Under eager attention
 the kernel's own weights are used as they are. A hook that returns new probabilities replaces the
-kernel's output by `probs @ v` (attention knockout, steering of attention).
+kernel's output by `probs @ v` (attention knockout, steering of attention); so does a run with gradients on,
+so that gradients reach the recorded probabilities.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-import types
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from .context import HookContext
 from .sites import Site
+from .values import check_returned
 
 Selection = Sequence[int] | torch.Tensor | slice | None
+SELECTION_HELP = "a list or 1-D tensor of ints (negative counts from the end), a 1-D bool mask, a slice, or None"
+
+
+def check_selection(sel, arg: str):
+    """Validate `attn_rows`/`attn_heads` at the boundary; returns None, a slice, or a 1-D long/bool tensor."""
+    if sel is None or isinstance(sel, slice):
+        return sel
+    if isinstance(sel, (bool, int, float)) or (isinstance(sel, torch.Tensor) and sel.dim() == 0):
+        raise TypeError(f"{arg} must be {SELECTION_HELP}; got the scalar {sel!r} (write [{sel!r}] for one index)")
+    if isinstance(sel, (str, bytes)) or not isinstance(sel, (Sequence, torch.Tensor, range)) and not hasattr(sel, "__array__"):
+        raise TypeError(f"{arg} must be {SELECTION_HELP}; got {type(sel).__name__}")
+    if not isinstance(sel, torch.Tensor):
+        items = list(sel)
+        if items and all(isinstance(x, bool) for x in items):
+            sel = torch.tensor(items, dtype=torch.bool)
+        elif all(isinstance(x, int) and not isinstance(x, bool) or hasattr(x, "__index__") and not isinstance(x, bool)
+                 for x in items):
+            sel = torch.tensor([int(x) for x in items], dtype=torch.long)
+        else:
+            bad = next(x for x in items if not isinstance(x, int) or isinstance(x, bool))
+            raise TypeError(f"{arg} must be {SELECTION_HELP}; it holds {type(bad).__name__} {bad!r}")
+    if sel.dim() != 1:
+        raise ValueError(f"{arg} must be one-dimensional (the same positions in every batch row); got shape "
+                         f"{tuple(sel.shape)}")
+    if sel.dtype == torch.bool:
+        return sel
+    if sel.is_floating_point() or sel.is_complex():
+        raise TypeError(f"{arg} must be {SELECTION_HELP}; got a {sel.dtype} tensor")
+    if sel.numel() == 0:
+        raise ValueError(f"{arg} selects nothing (an empty list); pass None for all of them")
+    return sel.long()
+
+
+def resolve_index(sel, size: int, device, arg: str = "index", where: str = "") -> torch.Tensor | None:
+    """A validated selection as concrete indices into a dimension of `size` (negatives wrap, as in Python)."""
+    if sel is None:
+        return None
+    at = f" at {where}" if where else ""
+    if isinstance(sel, slice):
+        idx = torch.arange(size, device=device)[sel]
+        if idx.numel() == 0:
+            raise ValueError(f"{arg} {sel} selects nothing of the {size}{at}")
+        return idx
+    sel = check_selection(sel, arg) if not isinstance(sel, torch.Tensor) else sel
+    if sel.dtype == torch.bool:
+        if sel.numel() != size:
+            raise ValueError(f"{arg} is a bool mask of length {sel.numel()}; it must have length {size}{at}")
+        idx = sel.nonzero().flatten()
+        if idx.numel() == 0:
+            raise ValueError(f"{arg} mask selects nothing{at}")
+        return idx.to(device)
+    lo, hi = int(sel.min()), int(sel.max())
+    if lo < -size or hi >= size:
+        bad = lo if lo < -size else hi
+        raise ValueError(f"{arg} index {bad} is out of range for {size} entries{at} (allowed: {-size} to {size - 1})")
+    return (sel % size).to(device)
 
 
 def repeat_kv(x: Float[Tensor, "b kv n d"], groups: int) -> Float[Tensor, "b h n d"]:
@@ -39,35 +100,9 @@ def repeat_kv(x: Float[Tensor, "b kv n d"], groups: int) -> Float[Tensor, "b h n
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _index(sel: Selection, size: int, device) -> torch.Tensor | None:
-    if sel is None:
-        return None
-    if isinstance(sel, slice):
-        return torch.arange(size, device=device)[sel]
-    return torch.as_tensor(sel, device=device, dtype=torch.long)
-
-
-def attention_probs(
-    q: Float[Tensor, "b h nq d"],
-    k: Float[Tensor, "b kv nk d"],
-    *,
-    scale: float | None = None,
-    mask: Tensor | None = None,
-    is_causal: bool = False,
-    rows: Selection = None,
-    heads: Selection = None,
-) -> Float[Tensor, "b h2 nq2 nk"]:
-    """softmax(q k^T * scale + mask) for `q` (b, h, nq, d) and `k` (b, h_kv, nk, d) -> (b, h', nq', nk).
-
-    `mask` is additive (float) or boolean (True = attend) and broadcasts to (b, h, nq, nk); `is_causal`
-    applies the upper-left causal mask SDPA uses. `rows`/`heads` pick query positions and heads first, so
-    memory is (b, len(heads), len(rows), nk) instead of the full map. Softmax runs in float32 and is cast
-    back to q's dtype, as in the eager implementations.
-    """
-    groups = q.shape[1] // k.shape[1]
-    k = repeat_kv(k, groups)
+def _probs(q, k, scale, mask, is_causal, hi, ri):
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
     nq, nk = q.shape[2], k.shape[2]
-    hi, ri = _index(heads, q.shape[1], q.device), _index(rows, nq, q.device)
     if hi is not None:
         q, k = q[:, hi], k[:, hi]
     if ri is not None:
@@ -92,18 +127,53 @@ def attention_probs(
     return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
 
 
+def attention_probs(
+    q: Float[Tensor, "b h nq d"],
+    k: Float[Tensor, "b kv nk d"],
+    *,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+    rows: Selection = None,
+    heads: Selection = None,
+) -> Float[Tensor, "b h2 nq2 nk"]:
+    """softmax(q k^T * scale + mask) for `q` (b, h, nq, d) and `k` (b, h_kv, nk, d) -> (b, h', nq', nk).
+
+    `mask` is additive (float) or boolean (True = attend) and broadcasts to (b, h, nq, nk); `is_causal`
+    applies the upper-left causal mask SDPA uses. `rows`/`heads` pick query positions and heads first (negative
+    indices count from the end), so memory is (b, len(heads), len(rows), nk) instead of the full map. Softmax
+    runs in float32 and is cast back to q's dtype, as in the eager implementations.
+    """
+    hi = resolve_index(check_selection(heads, "heads"), q.shape[1], q.device, "heads")
+    ri = resolve_index(check_selection(rows, "rows"), q.shape[2], q.device, "rows")
+    return _probs(q, k, scale, mask, is_causal, hi, ri)
+
+
 class PatternHandler:
-    """The hooks of one `attn.pattern`/`probs` site: user functions, then capture of the final value."""
+    """The hooks of one `*.pattern` site in one session: user functions, then the values its captures will see."""
 
     def __init__(self, site: Site, fns: list[Callable], context: Callable[[Site], HookContext],
                  rows: Selection = None, heads: Selection = None, enabled: Callable[[], bool] = lambda: True):
         self.site, self.fns, self.context = site, fns, context
-        self.rows, self.heads, self.enabled = rows, heads, enabled
+        self.rows, self.heads = check_selection(rows, "attn_rows"), check_selection(heads, "attn_heads")
+        self.enabled = enabled
         self.pending: list[torch.Tensor] = []
 
     @property
     def selective(self) -> bool:
         return self.rows is not None or self.heads is not None
+
+    def indices(self, n_heads: int, n_rows: int, device=None) -> tuple[Tensor | None, Tensor | None]:
+        return (resolve_index(self.heads, n_heads, device, "attn_heads", self.site.name),
+                resolve_index(self.rows, n_rows, device, "attn_rows", self.site.name))
+
+    def select(self, weights: torch.Tensor) -> torch.Tensor:
+        hi, ri = self.indices(weights.shape[1], weights.shape[2], weights.device)
+        if hi is not None:
+            weights = weights[:, hi]
+        if ri is not None:
+            weights = weights[:, :, ri]
+        return weights
 
     def fire(self, probs: torch.Tensor) -> torch.Tensor | None:
         """Run the hooks on `probs`; return the edited probabilities, or None when nothing edited them."""
@@ -117,17 +187,47 @@ class PatternHandler:
                         f"hook on {self.site.name!r} edited attention probabilities computed for a subset of rows or "
                         "heads; edits need the full map (drop attn_rows/attn_heads)"
                     )
-                if out.shape != probs.shape:
-                    raise ValueError(f"hook on {self.site.name!r} returned shape {tuple(out.shape)}; expected {tuple(probs.shape)}")
-                edited = out
+                edited = check_returned(self.site, out, probs)
         return edited
 
-    def select(self, weights: torch.Tensor) -> torch.Tensor:
-        if self.heads is not None:
-            weights = weights[:, _index(self.heads, weights.shape[1], weights.device)]
-        if self.rows is not None:
-            weights = weights[:, :, _index(self.rows, weights.shape[2], weights.device)]
-        return weights
+
+def fire_handlers(handlers: list[PatternHandler], probs_for: ProbsFor) -> tuple[Tensor | None, Tensor | None]:
+    """Feed every active handler of one kernel call; returns (edited probabilities or None, full map or None).
+
+    One handler gets exactly its selection (memory); several (nested sessions) share one full map, each reading
+    its own selection, and their edits chain in session order.
+    """
+    if len(handlers) == 1 and handlers[0].selective:
+        h = handlers[0]
+        probs = probs_for(*h.indices(*probs_for.sizes))
+        edited = h.fire(probs)
+        h.pending.append(probs if edited is None else edited)
+        return edited, None
+    full = probs_for(None, None)
+    edited = None
+    for h in handlers:
+        view = h.select(full if edited is None else edited)
+        out = h.fire(view)
+        if out is not None:
+            edited = out
+        h.pending.append(view if out is None else out)
+    return edited, full
+
+
+class ProbsFor:
+    """`fn(head_idx, row_idx)` -> probabilities for those heads/rows (None: all), with the sizes and device the
+    handlers' selections are resolved against."""
+
+    def __init__(self, fn: Callable, n_heads: int, n_rows: int, device):
+        self.fn, self.sizes = fn, (n_heads, n_rows, device)
+
+    def __call__(self, hi, ri):
+        return self.fn(hi, ri)
+
+
+def _wants_graph(handlers: list[PatternHandler], q: Tensor) -> bool:
+    """With gradients on, route the output through the recorded probabilities so gradients reach them."""
+    return torch.is_grad_enabled() and q.requires_grad and not any(h.selective for h in handlers)
 
 
 def _apply(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -148,152 +248,207 @@ def _eager_of(module) -> Callable:
     return fn
 
 
-class HFAttentionTap:
-    """Route the transformers attention interface of hooked modules through `PatternHandler`s."""
+def attn_key(module) -> str:
+    cfg = getattr(module, "config", None)
+    return getattr(cfg, "_attn_implementation", None) or "eager"
 
-    def __init__(self, handlers: dict[int, PatternHandler], modules: list[torch.nn.Module]):
-        self.handlers = handlers
-        keys = set()
-        for m in modules:
-            cfg = getattr(m, "config", None)
-            keys.add(getattr(cfg, "_attn_implementation", None) or "eager")
-        self.keys = sorted(keys)
-        self._saved: dict[str, object] = {}
 
-    def __enter__(self):
+class _KernelTable:
+    """Process-wide registry: which transformers attention modules are tapped, by which handlers."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.handlers: dict[torch.nn.Module, list[PatternHandler]] = {}
+        self.users: dict[str, int] = {}
+        self.installed: dict[str, tuple[Callable, object]] = {}  # key -> (dispatcher, previous local entry)
+
+    def add(self, module: torch.nn.Module, handler: PatternHandler) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as table
 
-        missing = object()
-        for key in self.keys:
-            prev = table._local_mapping.get(key, missing)
-            self._saved[key] = prev
-            base = None if prev is missing else prev
-            if base is None and key != "eager":
-                base = table._global_mapping.get(key)
-                if base is None:
-                    raise NotImplementedError(f"attention implementation {key!r} is not registered in transformers")
-            table._local_mapping[key] = self._wrapper(key, base)
-        self._missing = missing
-        return self
+        key = attn_key(module)
+        with self.lock:
+            if self.users.get(key, 0) == 0:
+                prev = table._local_mapping.get(key, _MISSING)
+                base = None if prev is _MISSING else prev
+                if base is None and key != "eager":
+                    base = table._global_mapping.get(key)
+                    if base is None:
+                        raise NotImplementedError(f"attention implementation {key!r} is not registered in transformers")
+                dispatcher = self._dispatcher(key, base)
+                table._local_mapping[key] = dispatcher
+                self.installed[key] = (dispatcher, prev)
+            self.users[key] = self.users.get(key, 0) + 1
+            self.handlers = {**self.handlers, module: [*self.handlers.get(module, []), handler]}  # copy-on-write
 
-    def __exit__(self, *exc):
+    def remove(self, module: torch.nn.Module, handler: PatternHandler) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as table
 
-        for key, prev in self._saved.items():
-            if prev is self._missing:
-                table._local_mapping.pop(key, None)
-            else:
-                table._local_mapping[key] = prev
-        self._saved.clear()
-        return False
+        key = attn_key(module)
+        with self.lock:
+            rest = [h for h in self.handlers.get(module, []) if h is not handler]
+            self.handlers = {**{m: hs for m, hs in self.handlers.items() if m is not module}, **({module: rest} if rest else {})}
+            self.users[key] -= 1
+            if self.users[key] == 0:
+                dispatcher, prev = self.installed.pop(key)
+                if table._local_mapping.get(key) is dispatcher:  # someone replaced it since: leave theirs
+                    if prev is _MISSING:
+                        table._local_mapping.pop(key, None)
+                    else:
+                        table._local_mapping[key] = prev
 
-    def _wrapper(self, key: str, base: Callable | None):
-        handlers = self.handlers
+    def _dispatcher(self, key: str, base: Callable | None):
+        registry = self
 
-        def tapped(module, query, key_states, value, attention_mask, *args, **kwargs):
+        def mmlens_attention(module, query, key_states, value, attention_mask, *args, **kwargs):
             kernel = base if base is not None else _eager_of(module)
-            h = handlers.get(id(module))
-            if h is None or not h.enabled():
+            handlers = [h for h in registry.handlers.get(module, ()) if h.enabled()]
+            if not handlers:
                 return kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
+            nh, nq, dev = query.shape[1], query.shape[2], query.device
             if key == "eager":
                 out, weights = kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
-                edited = h.fire(h.select(weights))
+                edited, _ = fire_handlers(handlers, ProbsFor(lambda hi, ri: _pick(weights, hi, ri), nh, nq, dev))
                 if edited is None:
-                    h.pending.append(h.select(weights))
                     return out, weights
             else:
                 bad = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
                 if bad:
                     raise NotImplementedError(
-                        f"{h.site.name}: recomputing attention with {bad} is not supported under {key!r}; "
+                        f"{handlers[0].site.name}: recomputing attention with {bad} is not supported under {key!r}; "
                         "load the model with attn_implementation='eager'"
                     )
                 is_causal = kwargs.get("is_causal")
                 is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-                probs = attention_probs(
-                    query, key_states, scale=kwargs.get("scaling"), mask=attention_mask,
-                    is_causal=bool(is_causal) and attention_mask is None, rows=h.rows, heads=h.heads,
-                )
-                edited = h.fire(probs)
+                causal = bool(is_causal) and attention_mask is None
+                scale = kwargs.get("scaling")
+                fn = lambda hi, ri: _probs(query, key_states, scale, attention_mask, causal, hi, ri)  # noqa: E731
+                edited, full = fire_handlers(handlers, ProbsFor(fn, nh, nq, dev))
+                if edited is None and full is not None and _wants_graph(handlers, query):
+                    edited = full
                 if edited is None:
-                    h.pending.append(probs)
                     return kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
-            h.pending.append(edited)
             return _apply(edited, value).transpose(1, 2).contiguous(), edited
 
-        return tapped
+        return mmlens_attention
+
+
+def _pick(weights, hi, ri):
+    if hi is not None:
+        weights = weights[:, hi]
+    if ri is not None:
+        weights = weights[:, :, ri]
+    return weights
+
+
+_MISSING = object()
+KERNELS = _KernelTable()
 
 
 # -------------------------------------------------------------------------------------------------- diffusers
-class _FunctionalProxy(types.ModuleType):
-    """`torch.nn.functional` with `scaled_dot_product_attention` observed, for one processor call."""
+class _ObserveSDPA(TorchFunctionMode):
+    """Thread-local: sees every `F.scaled_dot_product_attention` issued while one tapped processor runs."""
 
-    def __init__(self, sdpa: Callable):
-        super().__init__("torch.nn.functional")
-        self.scaled_dot_product_attention = sdpa
+    def __init__(self, handlers: list[PatternHandler]):
+        super().__init__()
+        self.handlers, self.fired = handlers, 0
 
-    def __getattr__(self, name):
-        return getattr(F, name)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.fired += 1
+        sig = inspect.signature(_sdpa_signature).bind(*args, **kwargs)
+        sig.apply_defaults()
+        a = sig.arguments
+        q, k, v = a["query"], a["key"], a["value"]
+        fn = lambda hi, ri: _probs(q, k, a["scale"], a["attn_mask"], a["is_causal"], hi, ri)  # noqa: E731
+        edited, full = fire_handlers(self.handlers, ProbsFor(fn, q.shape[1], q.shape[2], q.device))
+        if edited is None and full is not None and _wants_graph(self.handlers, q):
+            edited = full
+        if edited is None:
+            return func(*args, **kwargs)
+        return _apply(edited, v)
+
+
+def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """The argument names of F.scaled_dot_product_attention (a builtin without an inspectable signature)."""
 
 
 class _TapProcessor:
-    def __init__(self, orig, handler: PatternHandler):
-        self.orig, self.handler = orig, handler
+    """Installed as `attn.processor` while any session taps that module; calls the original processor."""
 
-    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        h = self.handler
-        probs = attention_probs(query, key, scale=scale, mask=attn_mask, is_causal=is_causal, rows=h.rows, heads=h.heads)
-        edited = h.fire(probs)
-        h.pending.append(probs if edited is None else edited)
-        if edited is None:
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal, scale=scale, **kw)
-        return _apply(edited, value)
+    def __init__(self, orig):
+        self.orig = orig
+        self.handlers: list[PatternHandler] = []
 
     def __call__(self, attn, *args, **kwargs):
-        if not self.handler.enabled():
+        handlers = [h for h in self.handlers if h.enabled()]
+        if not handlers:
             return self.orig(attn, *args, **kwargs)
-        g = getattr(type(self.orig).__call__, "__globals__", {})
-        patch_f = g.get("F") is F
-        if not patch_f and not hasattr(attn, "get_attention_scores"):
-            raise NotImplementedError(
-                f"{self.handler.site.name}: cannot tap attention probabilities of processor {type(self.orig).__name__}; "
-                "supported: processors that call F.scaled_dot_product_attention (AttnProcessor2_0, "
-                "JointAttnProcessor2_0, ...) or attn.get_attention_scores (the classic AttnProcessor)"
-            )
-        # Observe both kernels a processor may use; only the one it calls records anything.
-        orig_scores = attn.get_attention_scores
-        attn.get_attention_scores = self._scores(attn, orig_scores)
-        if patch_f:
-            g["F"] = _FunctionalProxy(self._sdpa)
+        observer = _ObserveSDPA(handlers)
+        own = attn.__dict__.get("get_attention_scores", _MISSING)
+        attn.get_attention_scores = self._scores(attn, handlers, observer)
         try:
-            return self.orig(attn, *args, **kwargs)
+            with observer:
+                out = self.orig(attn, *args, **kwargs)
         finally:
-            if patch_f:
-                g["F"] = F
-            del attn.get_attention_scores
+            if own is _MISSING:
+                attn.__dict__.pop("get_attention_scores", None)
+            else:
+                attn.get_attention_scores = own
+        if not observer.fired:
+            raise NotImplementedError(
+                f"{handlers[0].site.name}: processor {type(self.orig).__name__} computed attention without "
+                "F.scaled_dot_product_attention or attn.get_attention_scores, so its probabilities cannot be observed; "
+                "supported: AttnProcessor2_0, JointAttnProcessor2_0, the classic AttnProcessor and others built on them"
+            )
+        return out
 
-    def _scores(self, attn, orig_scores):
+    @staticmethod
+    def _scores(attn, handlers, observer):
         """The classic processor computes probabilities with `attn.get_attention_scores` (batch*heads, q, k)."""
-        h = self.handler
+        orig_scores = type(attn).get_attention_scores.__get__(attn)
 
         def scores(query, key, attention_mask=None):
+            observer.fired += 1
             probs = orig_scores(query, key, attention_mask)
             probs4 = probs.unflatten(0, (probs.shape[0] // attn.heads, attn.heads))
-            edited = h.fire(h.select(probs4))
-            h.pending.append(h.select(probs4) if edited is None else edited)
+            edited, _ = fire_handlers(handlers, ProbsFor(lambda hi, ri: _pick(probs4, hi, ri), attn.heads,
+                                                         probs4.shape[2], probs4.device))
             return probs if edited is None else edited.flatten(0, 1).to(probs.dtype)
 
         return scores
 
 
-def tap_processor(orig, handler: PatternHandler):
-    """A processor object that behaves as `orig` (same call signature) and feeds `handler`."""
-    cls = type(f"Tapped{type(orig).__name__}", (_TapProcessor,), {})
-    call = lambda self, attn, *a, **k: _TapProcessor.__call__(self, attn, *a, **k)  # noqa: E731
-    call.__signature__ = inspect.signature(type(orig).__call__)
-    cls.__call__ = call
-    return cls(orig, handler)
+_TAP_LOCK = threading.Lock()
+
+
+def tap_module(module, handler: PatternHandler) -> None:
+    """Add `handler` to the module's tap processor, installing one (that keeps the original's signature) if needed."""
+    with _TAP_LOCK:
+        tap = module.processor
+        if not isinstance(tap, _TapProcessor):
+            cls = type(f"Tapped{type(tap).__name__}", (_TapProcessor,), {})
+            call = lambda self, attn, *a, **k: _TapProcessor.__call__(self, attn, *a, **k)  # noqa: E731
+            call.__signature__ = inspect.signature(type(tap).__call__)
+            cls.__call__ = call
+            tap = cls(module.processor)
+            module.processor = tap
+        tap.handlers = [*tap.handlers, handler]  # copy-on-write: a running call keeps its list
+        handler.tap = tap
+
+
+def untap_module(module, handler: PatternHandler) -> None:
+    """Remove `handler`; the last one out restores the original processor, unless the user replaced the tap."""
+    with _TAP_LOCK:
+        tap = handler.tap
+        tap.handlers = [h for h in tap.handlers if h is not handler]
+        if not tap.handlers and module.processor is tap:
+            module.processor = tap.orig
+
+
+def is_diffusers_attention(module: torch.nn.Module) -> bool:
+    return hasattr(module, "processor") and hasattr(module, "set_processor")
 
 
 def flush(handler: PatternHandler) -> torch.Tensor | None:

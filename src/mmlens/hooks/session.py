@@ -6,16 +6,12 @@ from collections.abc import Callable
 
 import torch
 
-from .attention import HFAttentionTap, PatternHandler, flush, tap_processor
+from .attention import KERNELS, PatternHandler, flush, is_diffusers_attention, tap_module, untap_module
 from .context import HookContext
 from .sites import Site
-from .values import from_view, get_input, get_output, set_input, set_output, to_view
+from .values import check_returned, from_view, get_input, get_output, is_view, set_input, set_output, to_view
 
 HookFn = Callable[[torch.Tensor, HookContext], torch.Tensor | None]
-
-
-def _is_diffusers_attention(module: torch.nn.Module) -> bool:
-    return hasattr(module, "processor") and hasattr(module, "set_processor")
 
 
 class HookSession:
@@ -24,6 +20,7 @@ class HookSession:
     `fns[name]` run in order on the site's value (in its canonical view); one that returns a tensor replaces
     the value for the rest of the chain and for the model. `captures[name]` then see the final value once per
     module call. `enabled(site)` false makes that site's hooks a pass-through (diffusion step ranges).
+    Sessions are independent: they may nest and exit in any order; each removes exactly what it added.
     """
 
     def __init__(
@@ -77,25 +74,23 @@ class HookSession:
         for fn in self.fns.get(site.name, ()):
             out = fn(value if new is None else new, ctx)
             if out is not None:
-                new = out
+                new = check_returned(site, out, value)
+        if new is None and is_view(site) and torch.is_grad_enabled() and value.requires_grad:
+            new = value  # the model goes on from the view the hooks saw, so gradients reach it
         for fn in self.captures.get(site.name, ()):
             fn(value if new is None else new, ctx)
         return new
 
     # ------------------------------------------------------------------------------------------------ per kind
     def _register(self) -> None:
-        names = list(dict.fromkeys([*self.fns, *self.captures]))
-        pattern_sites = []
-        for name in names:
+        for name in dict.fromkeys([*self.fns, *self.captures]):
             site = self.sites[name]
             if site.row.read == "out":
                 self._handles.append(site.module.register_forward_hook(self._out_hook(site), with_kwargs=True))
             elif site.row.read == "in":
                 self._handles.append(site.module.register_forward_pre_hook(self._in_hook(site), with_kwargs=True))
             else:
-                pattern_sites.append(site)
-        if pattern_sites:
-            self._register_patterns(pattern_sites)
+                self._register_pattern(site)
 
     def _out_hook(self, site: Site):
         def hook(module, args, kwargs, output):
@@ -119,33 +114,32 @@ class HookSession:
 
         return hook
 
-    def _register_patterns(self, sites: list[Site]) -> None:
-        hf: dict[int, PatternHandler] = {}
-        hf_modules = []
-        for site in sites:
-            rows, heads = (sel.get(site.name) if isinstance(sel, dict) else sel for sel in (self.attn_rows, self.attn_heads))
-            handler = PatternHandler(site, list(self.fns.get(site.name, ())), self.context, rows, heads,
-                                     lambda s=site: self.enabled(s))
-            captures = self.captures.get(site.name, ())
-            module = site.module
-            if _is_diffusers_attention(module):
-                orig = module.processor
-                module.processor = tap_processor(orig, handler)
-                self._restore.append(lambda m=module, p=orig: setattr(m, "processor", p))
-            else:
-                hf[id(module)] = handler
-                hf_modules.append(module)
-            self._handles.append(module.register_forward_hook(self._flush_hook(handler, captures)))
-        if hf:
-            tap = HFAttentionTap(hf, hf_modules)
-            tap.__enter__()
-            self._restore.append(lambda: tap.__exit__(None, None, None))
+    def _register_pattern(self, site: Site) -> None:
+        rows, heads = (sel.get(site.name) if isinstance(sel, dict) else sel for sel in (self.attn_rows, self.attn_heads))
+        handler = PatternHandler(site, list(self.fns.get(site.name, ())), self.context, rows, heads,
+                                 lambda s=site: self.enabled(s))
+        module = site.module
+        if is_diffusers_attention(module):
+            tap_module(module, handler)
+            self._restore.append(lambda: untap_module(module, handler))
+        else:
+            KERNELS.add(module, handler)
+            self._restore.append(lambda: KERNELS.remove(module, handler))
+        self._handles.append(module.register_forward_hook(self._flush_hook(handler)))
 
-    def _flush_hook(self, handler: PatternHandler, captures):
+    def _flush_hook(self, handler: PatternHandler):
+        captures = self.captures.get(handler.site.name, ())
+
         def hook(module, args, output):
             value = flush(handler)
-            if value is None or not self.enabled(handler.site):
+            if not self.enabled(handler.site):
                 return None
+            if value is None:
+                raise RuntimeError(
+                    f"{handler.site.name}: the attention kernel of {handler.site.path!r} ran without mmlens seeing it "
+                    "(its attention function or processor was replaced after the hooks were registered?); "
+                    "its probabilities cannot be recorded or edited"
+                )
             ctx = self.context(handler.site)
             for fn in captures:
                 fn(value, ctx)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
-from .cache import ActivationCache
+from .cache import ActivationCache, _is_glob
 from .context import HookContext
-from .names import resolve
 
 BRANCHES_CFG = ("uncond", "cond")  # diffusers pipelines batch [negative, positive]
 
@@ -32,11 +32,14 @@ class StepCache(ActivationCache):
     Denoiser sites fire once per step; text-encoder sites once per prompt encoding (the pipeline encodes
     the prompt, then the negative prompt), never per step.
     `get(name, step=t, branch="cond")` returns one step and one guidance half; `stack(name, branch=...)`
-    stacks every recorded step along dim 0.
+    stacks every recorded step along dim 0. A glob in `get`, `stack` or `cache[...]` gives a dict name ->
+    what that one name gives. `save` keeps the per-call metadata, so `load` gives back a StepCache.
     """
 
-    def __init__(self, device=None, dtype=None):
-        super().__init__(device, dtype)
+    format = "mmlens.StepCache"
+
+    def __init__(self, device=None, dtype=None, keep_graph=False):
+        super().__init__(device, dtype, keep_graph)
         self._meta: dict[str, list[HookContext]] = {}
 
     def record_ctx(self, name: str, value: torch.Tensor, ctx: HookContext) -> None:
@@ -51,9 +54,12 @@ class StepCache(ActivationCache):
     def timesteps(self) -> dict[int, float]:
         return {c.step: c.timestep for metas in self._meta.values() for c in metas if c.step is not None}
 
-    def get(self, name: str, step: int | None = None, branch: str | None = None) -> torch.Tensor:
-        if name not in self._store:
-            resolve(name, self._store, where="this cache (only the names asked for are recorded)")
+    def get(self, name: str, step: int | None = None, branch: str | None = None):  # type: ignore[override]
+        if _is_glob(name):
+            return {n: self.get(n, step, branch) for n in self._names(name)}
+        (name,) = self._names(name)
+        if name not in self._meta:  # recorded without step context
+            return super().__getitem__(name)
         metas, vals = self._meta[name], self._store[name]
         if metas[0].step is None:  # text encoder: one call per prompt encoding, cond first
             branches = [b for b in BRANCHES_CFG[::-1]][: len(vals)]
@@ -77,15 +83,45 @@ class StepCache(ActivationCache):
             raise KeyError(f"step {metas[idx].step} ran branches {branches}; asked for {branch!r}")
         return value.chunk(len(branches), dim=0)[branches.index(branch)]
 
-    def stack(self, name: str, branch: str | None = None) -> torch.Tensor:  # type: ignore[override]
+    def stack(self, name: str, branch: str | None = None):  # type: ignore[override]
         """(recorded steps, ...) for one denoiser site; branch picks one guidance half."""
-        metas = self._meta[name]
+        if _is_glob(name):
+            return {n: self.stack(n, branch) for n in self._names(name)}
+        (name,) = self._names(name)
+        metas = self._meta.get(name)
+        if not metas or metas[0].step is None:
+            raise ValueError(f"{name!r} was not recorded per denoising step (text encoder: once per prompt "
+                             f"encoding); use cache.get({name!r}, branch=...) or cache.calls({name!r})")
         return torch.stack([self.get(name, m.step, branch) for m in metas])
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str):
+        if _is_glob(name):
+            return {n: self[n] for n in self._names(name)}
+        (name,) = self._names(name)
         metas = self._meta.get(name)
         if metas and metas[0].step is not None and len(metas) > 1:
             return self.stack(name)
         if metas and metas[0].step is None:
             return self.get(name)
         return super().__getitem__(name)
+
+    def summary(self) -> list[dict]:
+        rows = super().summary()
+        for r in rows:
+            r["steps"] = [m.step for m in self._meta.get(r["name"], []) if m.step is not None]
+        return rows
+
+    def _metadata(self) -> dict[str, str]:  # per name, one [step, timestep, branches, module path] per call
+        calls = {n: [[m.step, m.timestep, None if m.branches is None else list(m.branches), m.path] for m in metas]
+                 for n, metas in self._meta.items()}
+        return {**super()._metadata(), "calls": json.dumps(calls, default=float)}
+
+    def _load_metadata(self, meta: dict[str, str], path) -> None:
+        try:
+            calls = json.loads(meta["calls"])
+            for n, rows in calls.items():
+                if n not in self._store or len(rows) != len(self._store[n]):
+                    raise ValueError(f"{n!r}: {len(rows)} calls described, {len(self._store.get(n, []))} stored")
+                self._meta[n] = [HookContext(n, p, s, t, tuple(b) if b is not None else None) for s, t, b, p in rows]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt StepCache metadata ({e})") from None

@@ -13,6 +13,25 @@ import torch
 from .sites import Site
 
 
+def check_returned(site: Site, out: Any, like: torch.Tensor) -> torch.Tensor:
+    """A hook's return value, checked against the value it was given and cast to that value's dtype and device,
+    so later hooks, captures and the model all see what the model will use."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"hook on {site.name!r} returned {type(out).__name__}; a hook returns None (no edit) or a "
+                        f"torch.Tensor of the shape it received, {tuple(like.shape)}")
+    if out.shape != like.shape:
+        raise ValueError(f"hook on {site.name!r} returned shape {tuple(out.shape)}; it must keep the shape it "
+                         f"received, {tuple(like.shape)}")
+    if out.dtype != like.dtype or out.device != like.device:
+        out = out.to(device=like.device, dtype=like.dtype)
+    return out
+
+
+def is_view(site: Site) -> bool:
+    """The canonical value is a reshaped or sliced view of the module's tensor (heads split, fused qkv part)."""
+    return site.row.heads or site.row.part is not None
+
+
 def to_view(site: Site, t: torch.Tensor) -> torch.Tensor:
     row = site.row
     if row.part is not None:

@@ -1,0 +1,204 @@
+"""Bad input gets a clear error naming the argument and what is allowed; edge cases mean what they say
+(defects 4, 5, 7, 8, 13, 16)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mmlens.errors import UnknownNameError
+from mmlens.testing.tiny_models import sample_image, sample_inputs
+
+GEN = dict(height=32, width=32, output_type="np")
+
+
+# ----------------------------------------------------------------------------------------------- defect 4
+@pytest.mark.parametrize("arg", ["steps", "record_steps", "guidance"])
+def test_step_arguments_refused_without_denoiser(tiny_lens, arg):
+    lens = tiny_lens("clip")
+    with pytest.raises(ValueError, match=f"{arg}: denoising steps exist only in diffusion pipelines; clip is"):
+        with lens.hooks({"vision.blocks.0.resid_post": lambda x, c: x}, **{arg: [99] if arg != "guidance" else True}):
+            pass
+
+
+def test_steps_checked_against_num_inference_steps(tiny_lens):
+    lens = tiny_lens("sd")
+    with pytest.raises(ValueError, match=r"steps: step 7 is out of range for num_inference_steps=3"):
+        lens.generate("a red square", num_inference_steps=3, hooks={"unet.mid.out": lambda x, c: x}, steps=[7], **GEN)
+    with pytest.raises(TypeError, match="record_steps must hold ints"):
+        lens.generate("a red square", num_inference_steps=3, record_steps=[0.5], names="unet.out", **GEN)
+    with pytest.raises(ValueError, match="negative step -1 needs the number of steps"):
+        with lens.hooks({"unet.mid.out": lambda x, c: x}, steps=[-1]):
+            pass
+    seen = []
+    lens.generate("a red square", num_inference_steps=3, guidance_scale=1.0, steps=[-1], progress=False,
+                  hooks={"unet.mid.out": lambda x, ctx: seen.append(ctx.step)}, **GEN)
+    assert seen == [2]  # -1 is the last step, as in Python
+
+
+def test_steps_that_never_ran_warn(tiny_lens):
+    lens = tiny_lens("sd")
+    with pytest.warns(UserWarning, match=r"steps: steps \[2\] never ran"):
+        # img2img-like truncation is simulated by a pipeline callback that stops after two steps
+        def stop(pipe, i, t, kw):
+            if i == 1:
+                pipe._interrupt = True
+            return kw
+
+        lens.generate("a red square", num_inference_steps=3, guidance_scale=1.0, steps=[2], progress=False,
+                      hooks={"unet.mid.out": lambda x, c: x}, callback_on_step_end=stop, **GEN)
+
+
+# ----------------------------------------------------------------------------------------------- defect 5
+def test_negative_and_mask_rows_mean_what_python_means(tiny_lens):
+    lens = tiny_lens("llava")
+    inputs = sample_inputs("llava", lens, batch=2)
+    name = "lm.blocks.1.attn.pattern"
+    full = lens.run_with_cache(inputs, names=name)[1][name]
+    n = full.shape[2]
+    last = lens.run_with_cache(inputs, names=name, attn_rows=[-1], attn_heads=[-1])[1][name]
+    torch.testing.assert_close(last, full[:, [-1]][:, :, [n - 1]], atol=1e-6, rtol=0)
+    assert not torch.allclose(last[0, 0, 0, :n], torch.full((n,), 1 / n), atol=1e-3)  # not the uniform row
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[[2, 5]] = True
+    got = lens.run_with_cache(inputs, names=name, attn_rows=mask, attn_heads=slice(1, 3))[1][name]
+    torch.testing.assert_close(got, full[:, 1:3][:, :, [2, 5]], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(attn_rows=[100]), ValueError, r"attn_rows index 100 is out of range for \d+ entries at lm.blocks.0.attn.pattern"),
+    (dict(attn_rows=[0.5]), TypeError, "attn_rows must be .* it holds float"),
+    (dict(attn_heads=2), TypeError, r"attn_heads must be .*scalar 2 \(write \[2\]"),
+    (dict(attn_rows=torch.ones(3, dtype=torch.bool)), ValueError, "bool mask of length 3; it must have length"),
+    (dict(attn_rows=torch.tensor([[0, 1]])), ValueError, "one-dimensional"),
+    (dict(attn_rows=[]), ValueError, "selects nothing"),
+    (dict(attn_heads=torch.tensor([0.0])), TypeError, "float32 tensor"),
+])
+def test_bad_attention_selections(tiny_lens, kw, err, match):
+    lens = tiny_lens("llava")
+    with pytest.raises(err, match=match):
+        lens.run_with_cache(sample_inputs("llava", lens), names="lm.blocks.0.attn.pattern", **kw)
+
+
+# ----------------------------------------------------------------------------------------------- defect 7
+def test_hook_returning_float64_is_cast_for_model_and_cache(tiny_lens):
+    lens = tiny_lens("clip")
+    inputs = sample_inputs("clip", lens)
+    name = "vision.blocks.0.resid_post"
+    plain = lens.run_with_cache(inputs, names=name)[1][name]
+    out, cache = lens.run_with_cache(inputs, names=name, hooks={name: lambda x, c: x.double() * 2})
+    assert cache[name].dtype == torch.float32
+    torch.testing.assert_close(cache[name], plain * 2)
+
+
+@pytest.mark.parametrize("ret,what", [((1, 2), "tuple"), ([1.0], "list"), (np.zeros(3), "ndarray"), (1.5, "float")])
+def test_hook_returning_non_tensor_names_the_site(tiny_lens, ret, what):
+    lens = tiny_lens("clip")
+    with pytest.raises(TypeError, match=f"hook on 'vision.blocks.0.resid_post' returned {what}; a hook returns None"):
+        lens.run_with_cache(sample_inputs("clip", lens), names=[], hooks={"vision.blocks.0.resid_post": lambda x, c: ret})
+
+
+def test_pattern_hook_returning_wrong_things(tiny_lens):
+    lens = tiny_lens("llava")
+    with pytest.raises(TypeError, match="hook on 'lm.blocks.0.attn.pattern' returned float"):
+        with lens.hooks({"lm.blocks.0.attn.pattern": lambda p, c: 0.0}):
+            lens(sample_inputs("llava", lens))
+
+
+# ----------------------------------------------------------------------------------------------- defect 8
+@pytest.mark.parametrize("make,match", [
+    (lambda lens: sample_image(0), r"inputs must be a mapping of tensors .*got PIL\..*processor first"),
+    (lambda lens: "a red square", "inputs must be a mapping of tensors .*got str"),
+    (lambda lens: {"pixel_values": sample_image(0)}, r"inputs\['pixel_values'\] is an image"),
+    (lambda lens: dict(lens.processor(text=["a red square"], images=[sample_image(0)])), "return_tensors='pt'"),
+    (lambda lens: dict(lens.processor(images=[sample_image(0)], return_tensors="pt")), "needs both input_ids and pixel_values"),
+    (lambda lens: {**sample_inputs("clip", lens), "pixel_values": torch.zeros(2, 3, 64, 64)}, "images of 64x64 pixels; CLIPModel takes 32x32"),
+    (lambda lens: {**sample_inputs("clip", lens), "hook": 1}, "unknown keyword argument 'hook'"),
+])
+def test_clip_inputs_get_clear_errors(tiny_lens, make, match):
+    lens = tiny_lens("clip")
+    with pytest.raises((TypeError, ValueError), match=match):
+        lens.run_with_cache(make(lens), names="vision.blocks.0.resid_post")
+
+
+def test_misspelt_keyword_of_run_with_cache_is_refused(tiny_lens):
+    lens = tiny_lens("clip")
+    with pytest.raises(TypeError, match="unknown keyword argument 'hook' for CLIPModel. Did you mean"):
+        lens.run_with_cache(sample_inputs("clip", lens), names=[], hook={"vision.blocks.0.resid_post": lambda x, c: x * 0})
+
+
+def test_vlm_without_pixel_values_or_with_wrong_token_count(tiny_lens):
+    lens = tiny_lens("llava")
+    inputs = sample_inputs("llava", lens)
+    with pytest.raises(ValueError, match="16 image tokens but no pixel_values"):
+        lens({k: v for k, v in inputs.items() if k != "pixel_values"})
+    two = {**inputs, "pixel_values": torch.cat([inputs["pixel_values"]] * 2)}
+    with pytest.raises(ValueError, match="2 image.* of 16 tokens each need 32 image tokens in input_ids; found 16"):
+        lens(two)
+
+
+def test_pipeline_keyword_checked(tiny_lens):
+    lens = tiny_lens("sd")
+    with pytest.raises(TypeError, match="unknown keyword argument 'num_inference_step' .* Did you mean num_inference_steps"):
+        lens.generate("a red square", num_inference_step=2, **GEN)
+
+
+# ---------------------------------------------------------------------------------------------- defect 13
+def test_generate_progress_false_hides_the_bar_and_restores_config(tiny_lens, capfd):
+    lens = tiny_lens("sd")
+    lens.model.set_progress_bar_config(desc="mine")
+    lens.generate("a red square", num_inference_steps=3, guidance_scale=1.0, progress=False, **GEN)
+    assert "3/3" not in capfd.readouterr().err
+    assert lens.model._progress_bar_config == {"desc": "mine"}
+    lens.generate("a red square", num_inference_steps=3, guidance_scale=1.0, **GEN)
+    assert "3/3" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- defect 16
+@pytest.mark.parametrize("names,err,match", [
+    (5, TypeError, "names must be a hook-point name or glob, or a list of them; got int"),
+    ([5], TypeError, "names must hold strings"),
+    ("x" * 100_000, ValueError, "at most 400 are allowed"),
+    ("vision.blocks.*.resid_pots", UnknownNameError, "glob matching no hook point"),
+])
+def test_bad_names(tiny_lens, names, err, match):
+    lens = tiny_lens("clip")
+    with pytest.raises(err, match=match):
+        lens.run_with_cache(sample_inputs("clip", lens), names=names)
+
+
+def test_generator_names_are_read_once(tiny_lens):
+    lens = tiny_lens("clip")
+    _, cache = lens.run_with_cache(sample_inputs("clip", lens), names=(f"vision.blocks.{i}.resid_post" for i in range(2)))
+    assert list(cache) == ["vision.blocks.0.resid_post", "vision.blocks.1.resid_post"]
+
+
+@pytest.mark.parametrize("fns,err,match", [
+    ({None: lambda x, c: x}, TypeError, "hooks: keys must be hook-point names or globs"),
+    ({"vision.blocks.0.resid_post": 3}, TypeError, r"hooks\['vision.blocks.0.resid_post'\] must be a function"),
+    ({"vision.blocks.0.resid_post": []}, ValueError, "empty list"),
+    ([("vision.blocks.0.resid_post", print)], TypeError, "hooks must be a dict"),
+])
+def test_bad_hook_maps(tiny_lens, fns, err, match):
+    lens = tiny_lens("clip")
+    with pytest.raises(err, match=match):
+        lens.run_with_cache(sample_inputs("clip", lens), names=[], hooks=fns)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "int8", 3])
+def test_cache_dtype_must_be_floating(tiny_lens, dtype):
+    lens = tiny_lens("clip")
+    with pytest.raises((TypeError, ValueError), match="cache_dtype"):
+        lens.run_with_cache(sample_inputs("clip", lens), names="vision.blocks.0.resid_post", cache_dtype=dtype)
+
+
+def test_probs_alias_warns_and_resolves(tiny_lens):
+    lens = tiny_lens("sd")
+    with pytest.warns(FutureWarning, match="alias of '.pattern'"):
+        assert lens.hook_points("unet.mid.attn.0.cross.probs") == ["unet.mid.attn.0.cross.pattern"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lens.hook_points("unet.*.cross.pattern")
