@@ -342,7 +342,9 @@ class Lens:
         """Contrastive models: a tower's residual stream into the joint embedding space (final norm, projection).
 
         CLIP: `(..., d_model) -> (..., d_proj)` for any residual vector (the class/EOS token's gives the model's
-        embedding). `normalize=True` L2-normalises as the model does before its logits.
+        embedding). SigLIP text: the same on the last token's vector; SigLIP vision pools by attention, so it takes
+        whole token sequences `(batch, seq, d_model)`. `normalize=True` L2-normalises as the model does before its
+        logits.
         """
         return self.adapter.project(x, tower, normalize=normalize)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from torch import nn
+from jaxtyping import Float
+from torch import Tensor, nn
 
 from ..hooks.sites import Row
 
@@ -30,6 +31,19 @@ class Adapter:
 
     def token_map(self, inputs: dict, processor: Any = None):
         raise NotImplementedError(f"{self.name}: token_map is defined for generative VLMs only")
+
+    def unembed(self, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
+        """The LM's final norm and unembedding (generative adapters override; see `readout.unembed`)."""
+        raise TypeError(f"unembed maps an LM's residual stream to logits and is defined for generative models; "
+                        f"{self.name} is a {self.family} model"
+                        + (" (use project)" if self.family == "contrastive" else ""))
+
+    def project(self, x: Float[Tensor, "*batch d_model"], tower: str = "vision", *,
+                normalize: bool = False) -> Float[Tensor, "*batch d_proj"]:
+        """A tower's residual into the joint embedding space (contrastive adapters override; `readout.project`)."""
+        raise TypeError(f"project maps a tower's residual stream into the joint image-text space and is defined "
+                        f"for contrastive models; {self.name} is a {self.family} model"
+                        + (" (use unembed)" if self.family == "generative" else ""))
 
 
 def has(model: nn.Module, path: str) -> bool:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from jaxtyping import Float
+from torch import Tensor
+
 from ..hooks.sites import Row
 from ..hooks.tokens import TokenMap
+from . import readout
 from .base import Adapter
 from .registry import register
 from .towers import FUSED_QKV_BLOCK, OPT_BLOCK, clip_like_vision, decoder_lm
@@ -37,6 +41,10 @@ class Blip2Adapter(Adapter):
     name = "blip2"
     family = "generative"
     architectures = ("Blip2ForConditionalGeneration",)
+    # OPT: final_layer_norm only when it normalises before each block, project_out only when its embeddings are
+    # narrower than d_model (`?`: skipped where absent)
+    unembed_paths = ("language_model.model.decoder.final_layer_norm?", "language_model.model.decoder.project_out?",
+                     "language_model.lm_head")
 
     def rows(self) -> list[Row]:
         lm = [*decoder_lm("lm.", "language_model.model.decoder", OPT_BLOCK, norm="final_layer_norm")]
@@ -60,4 +68,10 @@ class Blip2Adapter(Adapter):
         return TokenMap.from_runs(inputs["input_ids"], self.model.config.image_token_id, None, processor,
                                   per_image=nq, modality="query")
 
-
+    def unembed(self, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
+        if type(self.model.language_model).__name__.startswith("T5"):
+            raise NotImplementedError(
+                "unembed is not implemented for BLIP-2 with a T5 LM: it is an encoder-decoder whose logits come "
+                "from the decoder stream (decoder.final_layer_norm, then a d_model**-0.5 rescale when embeddings "
+                "are tied, then lm_head), and no tiny T5 BLIP-2 checks such a map against the model's logits")
+        return readout.unembed(self.model, resid, self.unembed_paths)
