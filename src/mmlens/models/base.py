@@ -18,6 +18,11 @@ class Adapter:
     name: ClassVar[str]
     family: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
+    # read-out maps (`models/readout.py`): generative adapters name their final norm and unembedding, contrastive
+    # ones each tower's final norm and projection (and the class prefix of that tower loaded alone)
+    unembed_paths: ClassVar[tuple[str, ...]] = ()
+    projections: ClassVar[dict[str, tuple[str, ...]]] = {}
+    tower_classes: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: Any):
         self.model = model
@@ -33,14 +38,22 @@ class Adapter:
         raise NotImplementedError(f"{self.name}: token_map is defined for generative VLMs only")
 
     def unembed(self, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
-        """The LM's final norm and unembedding (generative adapters override; see `readout.unembed`)."""
+        """The LM's final norm and unembedding, from `unembed_paths` (see `readout.unembed`)."""
+        if self.unembed_paths:
+            from . import readout
+
+            return readout.unembed(self.model, resid, self.unembed_paths)
         raise TypeError(f"unembed maps an LM's residual stream to logits and is defined for generative models; "
                         f"{self.name} is a {self.family} model"
                         + (" (use project)" if self.family == "contrastive" else ""))
 
     def project(self, x: Float[Tensor, "*batch d_model"], tower: str = "vision", *,
                 normalize: bool = False) -> Float[Tensor, "*batch d_proj"]:
-        """A tower's residual into the joint embedding space (contrastive adapters override; `readout.project`)."""
+        """A tower's residual into the joint embedding space, from `projections` (see `readout.project`)."""
+        if self.projections:
+            from . import readout
+
+            return readout.project(self.model, x, tower, self.projections, self.tower_classes, normalize=normalize)
         raise TypeError(f"project maps a tower's residual stream into the joint image-text space and is defined "
                         f"for contrastive models; {self.name} is a {self.family} model"
                         + (" (use unembed)" if self.family == "generative" else ""))

@@ -7,7 +7,6 @@ from torch import Tensor
 
 from ..hooks.sites import Row
 from ..hooks.tokens import TokenMap
-from . import readout
 from .base import Adapter
 from .registry import register
 from .towers import FUSED_QKV_BLOCK, OPT_BLOCK, clip_like_vision, decoder_lm
@@ -74,4 +73,4 @@ class Blip2Adapter(Adapter):
                 "unembed is not implemented for BLIP-2 with a T5 LM: it is an encoder-decoder whose logits come "
                 "from the decoder stream (decoder.final_layer_norm, then a d_model**-0.5 rescale when embeddings "
                 "are tied, then lm_head), and no tiny T5 BLIP-2 checks such a map against the model's logits")
-        return readout.unembed(self.model, resid, self.unembed_paths)
+        return super().unembed(resid)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from jaxtyping import Float
-from torch import Tensor
-
 from ..hooks.sites import Row
-from . import readout
 from .base import Adapter, has
 from .registry import register
 from .towers import clip_like_text, clip_like_vision
@@ -55,8 +51,3 @@ class ClipAdapter(Adapter):
     def rows(self) -> list[Row]:
         return dual_encoder_rows(self.model, "CLIPVision", "CLIPText")
 
-    def project(self, x: Float[Tensor, "*batch d_model"], tower: str = "vision", *,
-                normalize: bool = False) -> Float[Tensor, "*batch d_proj"]:
-        """`(..., d_model) -> (..., d_proj)`; the CLS token of the vision tower's last block and the EOS token of
-        the text tower's give `get_image_features` / `get_text_features`."""
-        return readout.project(self.model, x, tower, self.projections, self.tower_classes, normalize=normalize)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from jaxtyping import Float
-from torch import Tensor
-
 from ..hooks.sites import Row
 from ..hooks.tokens import TokenMap, grid_positions
-from . import readout
 from .base import Adapter
 from .registry import register
 from .towers import clip_like_vision, decoder_lm
@@ -38,6 +34,3 @@ class LlavaAdapter(Adapter):
         k = grid_positions(per_image, side, side, cls_first=full)
         return TokenMap.from_runs(inputs["input_ids"], cfg.image_token_id, [k], processor, per_image=per_image,
                                   grid_shapes=[(side, side)])
-
-    def unembed(self, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
-        return readout.unembed(self.model, resid, self.unembed_paths)

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
-
 from ..hooks.sites import Row
 from ..hooks.tokens import TokenMap, grid_positions
-from . import readout
 from .base import Adapter
 from .registry import register
 from .towers import LLAMA_BLOCK, QWEN_VIT_BLOCK, block_rows, decoder_lm
@@ -42,6 +38,3 @@ class Qwen2VLAdapter(Adapter):
             shapes.append((gh, gw))
         return TokenMap.from_runs(inputs["input_ids"], self.model.config.image_token_id, grids, processor,
                                   per_image=counts, grid_shapes=shapes)
-
-    def unembed(self, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
-        return readout.unembed(self.model, resid, self.unembed_paths)

@@ -6,7 +6,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..hooks.sites import Row
-from . import readout
 from .base import Adapter
 from .clip import dual_encoder_rows
 from .registry import register
@@ -35,4 +34,4 @@ class SiglipAdapter(Adapter):
         if tower == "vision" and x.dim() != 3:
             raise ValueError(f"SigLIP's vision embedding pools all tokens with an attention head, so project(x, "
                              f"'vision') takes a (batch, seq, d_model) token sequence, not shape {tuple(x.shape)}")
-        return readout.project(self.model, x, tower, self.projections, self.tower_classes, normalize=normalize)
+        return super().project(x, tower, normalize=normalize)
