@@ -7,8 +7,7 @@ them, the clip organism's zero-shot guess, and a cache of the vlm's residual str
 from __future__ import annotations
 
 import mmlens.organisms as organisms
-from mmlens.organisms.clip import PROMPTS
-from mmlens.organisms.vlm import PROMPT, answer_first_tokens
+from mmlens.organisms.prompts import PROMPTS, answer_first_tokens, vlm_inputs
 from mmlens.world import make_scene
 
 
@@ -33,7 +32,8 @@ def main(seed: int = 3) -> dict:
     print(f"clip on object 0 ({scene.objects[0].name}): {guess}")
 
     # 3. a cache of the vlm's residual stream, split into image and text positions by the token map
-    inputs = vlm.processor(text=[PROMPT.format(question=qa[0][0])], images=[scene.pil()], return_tensors="pt")
+    #    (the prompt "<image> {question} answer :", ending at the ':' where the answer is predicted)
+    inputs = vlm_inputs(vlm, [scene], [qa[0][0]])
     _, cache = vlm.run_with_cache(inputs, names="lm.blocks.*.resid_post")
     tm = vlm.token_map(inputs)
     image, text = tm.positions("image"), tm.positions("text")

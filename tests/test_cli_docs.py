@@ -1,15 +1,21 @@
-"""The CLI is a thin shell that works; the generated docs match the tables."""
+"""The CLI is a thin shell that works; the demo runs every section; the generated docs match the tables; run-time
+code never imports the test helpers."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+from mmlens import organisms
 from mmlens.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src" / "mmlens"
+SHIPPED = pytest.mark.skipif(set(organisms.available()) != set(organisms.NAMES), reason="needs all three organisms")
 
 
 def test_cli_supported_lists_every_adapter():
@@ -26,11 +32,82 @@ def test_cli_hook_points(tiny_folder):
     assert res.output.split() == ["projector.out"]
 
 
-def test_cli_demo_quick(tmp_path):
+@SHIPPED
+def test_cli_demo_quick_runs_every_section(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     html = (tmp_path / "index.html").read_text()
     assert "data:image/png;base64," in html and "vision.blocks.{0.." in html and ".resid_post" in html
+    sections = html.split("<h2>")[1:]
+    assert [s.split(":")[0] for s in sections] == ["contrastive", "generative", "diffusion"]
+    contrastive, generative, diffusion = sections
+    assert contrastive.startswith("contrastive: CLIPModel") and "zero-shot classification" in contrastive
+    assert generative.startswith("generative: LlavaForConditionalGeneration")
+    assert "attending to image patches" in generative
+    assert "lm.blocks.{0..3}.attn.pattern" in generative
+    assert diffusion.startswith("diffusion: StableDiffusionPipeline") and "judged by the world" in diffusion
+    assert ".cross.pattern per prompt word" in diffusion and "unet.up." in diffusion
+
+
+def test_demo_without_an_organism_names_the_command_that_trains_it(tmp_path, monkeypatch):
+    import mmlens.demo
+
+    monkeypatch.setattr(organisms, "available", lambda: ["clip"])
+    with pytest.raises(FileNotFoundError, match="`mmlens organisms train vlm`; `mmlens organisms train diffusion`"):
+        mmlens.demo.run_demo(tmp_path, quick=True)
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "mmlens organisms train vlm" in res.output
+    assert not (tmp_path / "index.html").exists()
+
+
+@pytest.mark.skipif("vlm" not in organisms.available(), reason="needs the shipped vlm organism")
+def test_demo_generative_section_leaves_the_padding_side_as_it_was():
+    from mmlens.demo import SECTIONS
+    from mmlens.viz.report import Report
+
+    lens = organisms.load("vlm")
+    tok = lens.processor.tokenizer
+    tok.padding_side = "right"
+    report = Report("t")
+    cache = SECTIONS["generative"](report, lens, True)
+    assert tok.padding_side == "right"
+    assert "lm.blocks.3.attn.pattern" in cache and len(report.parts) >= 3
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the modules `path` imports (relative imports resolved against its package)."""
+    package = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1] if node.level else []
+            mod = ".".join([*base, *([node.module] if node.module else [])])
+            found |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return found
+
+
+def test_runtime_code_never_imports_the_test_helpers():
+    """`mmlens.testing` (tiny random models) is for tests and benchmarks; the demo, the organisms and the rest of
+    the package run without it. Tests may import run-time code, never the reverse."""
+    offenders = {}
+    for path in sorted(SRC.rglob("*.py")):
+        if path.is_relative_to(SRC / "testing"):
+            continue
+        bad = {m for m in _imports(path) if m == "mmlens.testing" or m.startswith("mmlens.testing.")}
+        if bad:
+            offenders[str(path.relative_to(SRC))] = sorted(bad)
+    assert not offenders, offenders
+    assert _imports(SRC / "organisms" / "vocab.py") >= {"mmlens.organisms.tokenizer.word_tokenizer"}  # resolver works
+    assert "mmlens.testing.tokenizer" in _imports(SRC / "testing" / "tiny_models.py")
+    from mmlens.organisms.tokenizer import word_tokenizer
+    from mmlens.testing.tokenizer import word_tokenizer as reexported
+
+    assert reexported is word_tokenizer
 
 
 def test_hook_point_docs_are_generated_from_tables():

@@ -1,10 +1,9 @@
-"""`mmlens demo`: the shipped organisms (or, where one is missing, a tiny random model of the same class)
-through the hook layer, written up as one self-contained HTML report."""
+"""`mmlens demo`: the three shipped organisms through the hook layer, one section per family, written up as one
+self-contained HTML report. `quick` runs every section, smaller (fewer scenes, prompts and denoising steps)."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -12,12 +11,11 @@ import numpy as np
 import torch
 
 from . import organisms
-from .loading import load
-from .testing.tiny_models import build, sample_inputs
+from .organisms.prompts import PROMPTS, answer_first_tokens, vlm_inputs
 from .viz.report import Report
 from .world import make_scene, single_object_scene
 
-FAMILIES = {"contrastive": ("clip", "clip"), "generative": ("vlm", "llava"), "diffusion": ("diffusion", "sd")}
+FAMILIES = {"contrastive": "clip", "generative": "vlm", "diffusion": "diffusion"}  # family -> organism
 
 
 def _fig(images, titles, cmap=None, size=1.8):
@@ -38,14 +36,9 @@ def _grid_map(values: torch.Tensor, side: int) -> np.ndarray:
     return values.float().reshape(side, side).numpy()
 
 
-def _contrastive(report: Report, lens, organism: bool) -> object:
-    if not organism:
-        inputs = sample_inputs("clip", lens)
-        _, cache = lens.run_with_cache(inputs, names=None)
-        return cache
-    from .organisms.clip import PROMPTS
-
-    scenes = [single_object_scene(10_000_000 + k, background=["plain", "stripes", "checker", "dots"][k % 4]) for k in range(6)]
+def _contrastive(report: Report, lens, quick: bool = False) -> object:
+    backgrounds = ["plain", "stripes", "checker", "dots"]
+    scenes = [single_object_scene(10_000_000 + k, background=backgrounds[k % 4]) for k in range(3 if quick else 6)]
     inputs = lens.processor(text=PROMPTS, images=[s.pil() for s in scenes], return_tensors="pt", padding=True)
     out, cache = lens.run_with_cache(inputs, names=["*.resid_post", "vision.blocks.*.attn.pattern", "logits"])
     preds = [PROMPTS[i] for i in out.logits_per_image.argmax(-1).tolist()]
@@ -59,22 +52,16 @@ def _contrastive(report: Report, lens, organism: bool) -> object:
     return cache
 
 
-def _generative(report: Report, lens, organism: bool) -> object:
-    if not organism:
-        inputs = sample_inputs("llava", lens)
-        _, cache = lens.run_with_cache(inputs, names=None)
-        return cache
-    from .organisms.vlm import PROMPT, answer_first_tokens
-
+def _generative(report: Report, lens, quick: bool = False) -> object:
     scene = make_scene(10_000_123, n_objects=3, background="plain")
     qa = scene.questions()
+    if quick:  # one question of each kind
+        qa = list({kind: (q, a, kind) for q, a, kind in qa}.values())
     answers = answer_first_tokens(lens, [scene] * len(qa), [q for q, *_ in qa])
     report.figure(_fig([scene.image], [scene.caption[:60]], size=2.6), "held-out scene")
     report.table([{"question": q, "truth": a, "vlm": p, "ok": "yes" if a == p else "NO"} for (q, a, _), p in zip(qa, answers)])
     q = next(q for q, _, k in qa if k == "colour_of_shape")
-    lens.processor.tokenizer.padding_side = "left"
-    inputs = lens.processor(text=[PROMPT.format(question=q)], images=[scene.pil()], return_tensors="pt")
-    inputs = {k: (v[:, :-1] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
+    inputs = vlm_inputs(lens, [scene], [q])  # ends at the ':' where the answer is predicted; padding side restored
     tm = lens.token_map(inputs)
     _, cache = lens.run_with_cache(inputs, names=["lm.blocks.*.resid_post", "lm.blocks.*.attn.pattern"],
                                    attn_rows={"lm.blocks.*.attn.pattern": [inputs["input_ids"].shape[1] - 1]})
@@ -89,10 +76,10 @@ def _generative(report: Report, lens, organism: bool) -> object:
     return cache
 
 
-def _diffusion(report: Report, lens, organism: bool) -> object:
-    prompts = ["a red square", "a blue circle", "a yellow triangle", "a green cross"]
+def _diffusion(report: Report, lens, quick: bool = False) -> object:
+    prompts = ["a red square", "a blue circle", "a yellow triangle", "a green cross"][: 2 if quick else 4]
     size = lens.model.unet.config.sample_size * lens.model.vae_scale_factor
-    out, cache = lens.generate(prompts, num_inference_steps=20 if organism else 4, guidance_scale=1.5, height=size,
+    out, cache = lens.generate(prompts, num_inference_steps=5 if quick else 20, guidance_scale=1.5, height=size,
                                width=size, output_type="np", generator=torch.Generator().manual_seed(0),
                                names=["unet.*.cross.pattern", "unet.mid.out", "text_encoder.blocks.*.resid_post"])
     from .world.judge import classify
@@ -120,26 +107,35 @@ def _diffusion(report: Report, lens, organism: bool) -> object:
 SECTIONS = {"contrastive": _contrastive, "generative": _generative, "diffusion": _diffusion}
 
 
+def require_organisms() -> None:
+    """Raise, naming the command that trains each one, unless all three organisms are in this install."""
+    missing = [n for n in FAMILIES.values() if n not in organisms.available()]
+    if missing:
+        how = "; ".join(f"`mmlens organisms train {n}`" for n in missing)
+        raise FileNotFoundError(
+            f"the demo runs the three shipped organisms, and {', '.join(map(repr, missing))} "
+            f"{'is' if len(missing) == 1 else 'are'} missing from this install ({organisms.WEIGHTS}). Train with {how} "
+            "(vlm and diffusion start from clip, so clip first)."
+        )
+
+
 def run_demo(out: str | os.PathLike = "mmlens-report", quick: bool = False) -> Path:
-    """Load one model per family, probe it, and return the path of the HTML report."""
+    """Load each organism, probe it, and return the path of the HTML report. `quick`: every section, smaller."""
+    require_organisms()
     torch.manual_seed(0)
     out = Path(out)
     report = Report("mmlens demo")
     report.text("Each section loads a model through mmlens.load (the real from_pretrained path), shows what it does "
-                "on the world, lists its canonical hook points and summarises a cache.")
-    shipped = set(organisms.available())
-    families = dict(list(FAMILIES.items())[:1]) if quick else FAMILIES
-    with tempfile.TemporaryDirectory() as tmp:
-        for family, (org, tiny) in families.items():
-            t0 = time.perf_counter()
-            organism = org in shipped
-            lens = organisms.load(org) if organism else load(build(tiny, Path(tmp) / tiny))
-            what = f"the `{org}` organism" if organism else f"a tiny random {tiny} (organism `{org}` not shipped yet)"
-            report.heading(f"{family}: {type(lens.model).__name__}, {what}")
-            cache = SECTIONS[family](report, lens, organism)
-            report.text(f"{len(lens.hook_points())} hook points, folded by block index:")
-            report.code(lens.describe())
-            report.text(f"Cache: {cache!r}")
-            report.table(cache.summary(), max_rows=20)
-            report.text(f"section time {time.perf_counter() - t0:.2f} s")
+                "on the world, lists its canonical hook points and summarises a cache."
+                + (" Quick run: fewer scenes, prompts and denoising steps." if quick else ""))
+    for family, org in FAMILIES.items():
+        t0 = time.perf_counter()
+        lens = organisms.load(org)
+        report.heading(f"{family}: {type(lens.model).__name__}, the `{org}` organism")
+        cache = SECTIONS[family](report, lens, quick)
+        report.text(f"{len(lens.hook_points())} hook points, folded by block index:")
+        report.code(lens.describe())
+        report.text(f"Cache: {cache!r}")
+        report.table(cache.summary(), max_rows=20)
+        report.text(f"section time {time.perf_counter() - t0:.2f} s")
     return report.save(out / "index.html")

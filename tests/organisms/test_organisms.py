@@ -97,7 +97,7 @@ def test_shipped_organism_loads_plainly_and_meets_its_bar(name):
 
 @pytest.mark.skipif("vlm" not in organisms.available(), reason="needs the shipped vlm organism")
 def test_vlm_answers_leave_the_callers_tokenizer_as_it_was():
-    from mmlens.organisms.vlm import answer_first_tokens
+    from mmlens.organisms.prompts import answer_first_tokens
     from mmlens.world import make_scene
 
     lens = organisms.load("vlm")
@@ -105,6 +105,6 @@ def test_vlm_answers_leave_the_callers_tokenizer_as_it_was():
     tok.padding_side = "right"
     scenes = [make_scene(EVAL_SEED_OFFSET + 7, size=48), make_scene(EVAL_SEED_OFFSET + 8, size=48)]
     # questions of different lengths, so the batch needs padding
-    got = answer_first_tokens(lens, scenes, ["how many objects are there ?", "is there a red circle ?"])
+    got = answer_first_tokens(lens, scenes, ["how many objects are there ?", "is there a cross ?"])
     assert got[0] == {1: "one", 2: "two", 3: "three"}[len(scenes[0].objects)]
     assert tok.padding_side == "right"

@@ -13,11 +13,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="mmlens: inte
 
 @app.command()
 def demo(out: Path = typer.Option(Path("mmlens-report"), help="folder for the HTML report"),
-         quick: bool = typer.Option(False, help="fewer families (smoke test)")) -> None:
-    """Run the demo on the bundled models and write a self-contained HTML report."""
+         quick: bool = typer.Option(False, help="every section, smaller: fewer scenes and denoising steps")) -> None:
+    """Run the demo on the three shipped organisms and write a self-contained HTML report."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..demo import run_demo
+    from ..demo import require_organisms, run_demo
 
+    try:
+        require_organisms()
+    except FileNotFoundError as err:
+        typer.echo(f"mmlens demo: {err}", err=True)
+        raise typer.Exit(1) from None
     path = run_demo(out, quick=quick)
     typer.echo(f"report: {path.resolve()}")
 

@@ -108,3 +108,13 @@ def expand(rows: list[Row], model: nn.Module) -> dict[str, Site]:
             hd = head_dim_of(modules, path) if row.heads else None
             sites[name] = Site(name, path, modules[path], row, hd)
     return sites
+
+
+def unbound_rows(rows: list[Row], sites: dict[str, Site]) -> list[Row]:
+    """The rows of `rows` that produced no site in `sites` (an `expand` result), in table order.
+
+    `expand` drops such rows silently, since a table lists modules that only some checkpoints of a family have;
+    tests use this to check that every row binds on at least one model, so a misspelt path cannot hide.
+    """
+    bound = {site.row for site in sites.values()}  # rows are frozen dataclasses: equal rows bind alike
+    return [row for row in rows if row not in bound]

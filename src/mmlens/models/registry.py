@@ -1,4 +1,10 @@
-"""One registration point: adapters declare the classes they serve; loading and errors derive from it."""
+"""One registration point: adapters declare the classes they serve; loading and errors derive from it.
+
+Registration flows one way: each adapter module imports `register` from here and decorates its class;
+`mmlens.models` (the package `__init__`) imports every adapter module. This module imports no adapter, so
+importing it never cycles back into the adapters; the package is always initialised before any of its
+submodules, so after any `import mmlens...` the table is full.
+"""
 
 from __future__ import annotations
 
@@ -22,21 +28,17 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 def supported() -> dict[str, list[str]]:
     """Adapter name -> the HF/diffusers classes it serves (for docs and errors)."""
-    _import_all()
     return {name: list(cls.architectures) for name, cls in sorted(ADAPTERS.items())}
 
 
 def adapter_for(class_name: str) -> type[Adapter]:
-    _import_all()
     if class_name in _BY_CLASS:
         return _BY_CLASS[class_name]
     listing = "; ".join(f"{n}: {', '.join(a)}" for n, a in supported().items())
     raise ValueError(
         f"unsupported architecture {class_name!r}. Supported: {listing}. To add it, write one file "
         "src/mmlens/models/<family>.py holding its name table (start from the nearest sibling listed in "
-        "src/mmlens/models/README.md) and decorate its adapter with @register."
+        "src/mmlens/models/README.md), decorate its adapter with @register and import the module in "
+        "src/mmlens/models/__init__.py."
     )
 
-
-def _import_all() -> None:
-    from . import blip2, clip, llava, paligemma, pixart, qwen2_vl, sd3, sd_unet, siglip  # noqa: F401

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..world.scene import COLOURS, SHAPES
 from .data import single_object_pool, to_pixels
+from .prompts import PROMPTS  # the 24 classes 'a {colour} {shape}' (also importable from here)
 from .train import run_training
 from .vocab import world_tokenizer
 
 IMAGE, PATCH = 48, 6
-PROMPTS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
 DEFAULTS = dict(steps=1200, batch=128, lr=2e-3, warmup=60, pool=16_000, seed=0)
 
 

@@ -10,13 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..world.scene import COLOURS, SHAPES
 from .data import single_object_pool, to_pixels
+from .prompts import PROMPTS  # the 24 prompts 'a {colour} {shape}' (also importable from here)
 from .train import combine, run_training
 
 IMAGE = 32
 LATENT_CHANNELS = 4
-PROMPTS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
 DEFAULTS = dict(vae_steps=500, vae_batch=32, steps=1200, batch=64, lr=1e-3, vae_lr=2e-3, warmup=60, pool=8_000,
                 seed=0, uncond_p=0.1)
 

@@ -13,8 +13,8 @@ import torch
 
 from ..world import make_scene, single_object_scene
 from ..world.scene import BACKGROUNDS, COLOURS, SHAPES
-from .clip import PROMPTS
 from .data import EVAL_SEED_OFFSET
+from .prompts import PROMPTS, answer_first_tokens
 
 
 def _lens(model_or_path):
@@ -48,8 +48,6 @@ def evaluate_clip(model_or_path, n: int = 480, seed: int = 0, batch: int = 96) -
 def evaluate_vlm(model_or_path, n_scenes: int = 200, seed: int = 0, batch: int = 64) -> dict:
     """Accuracy of the first answer token per question kind; `binding` is colour-of-shape and shape-of-colour
     on scenes with two or more objects; `absent_no` is 'no' to objects that are not there."""
-    from .vlm import answer_first_tokens
-
     lens = _lens(model_or_path)
     size = lens.model.config.vision_config.image_size
     items = []

@@ -11,6 +11,11 @@ patch's image token). Without grounding, questions keyed on colour ("what shape 
 those keyed on shape are not within the budget; with it, both are (binding 0.99 held-out). Left/right is not learned
 in the 15-minute budget (chance); the card reports it. The breakthrough's timing varies with the seed: seed 1 of
 this recipe reached binding 0.90 but absent_no only 0.79, so a retrain on another seed must be re-evaluated.
+
+The prompt and the answer helpers are run-time code and live in `prompts.py` (`PROMPT`, `vlm_inputs`,
+`answer_first_tokens`). The word-level tokenizer appends `</s>` to every prompt, which training never put after
+`answer :`: the answer is predicted at the last position *before* `</s>` (the ':' of 'answer :'); the LM is causal,
+so the logits there do not depend on the trailing `</s>` (`vlm_inputs` drops it).
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ import torch
 
 from .clip import IMAGE, PATCH, image_processor
 from .data import scene_pool, to_pixels
+from .prompts import TURN  # prompts.PROMPT is "<image> " + TURN: the inference prompt is the first training turn
 from .train import combine, run_training
 from .vocab import world_tokenizer
 
 N_IMAGE_TOKENS = (IMAGE // PATCH) ** 2 + 1  # "full" strategy keeps CLS
 DEFAULTS = dict(vision_steps=300, vision_batch=64, vision_lr=1e-3, steps=2300, batch=16, lr=1e-3, hold=0.7,
                 warmup=80, tower_lr_scale=0.5, aux_weight=0.3, ground_weight=0.3, pool=12_000, seed=0, monitor_every=0)
-PROMPT = "<image> {question} answer :"
 
 
 def config(tok, vision_config):
@@ -56,28 +61,11 @@ def _encode_turns(tok, qa: list[tuple[str, str]], memo: dict[str, list[int]]) ->
     targets = []
     for q, a in qa:
         if q not in memo:
-            memo[q] = tok(f"{q} answer :", add_special_tokens=False)["input_ids"]
+            memo[q] = tok(TURN.format(question=q), add_special_tokens=False)["input_ids"]
         ids += memo[q]
         targets.append(len(ids) - 1)
         ids.append(tok.convert_tokens_to_ids(a))
     return ids, targets
-
-
-@torch.no_grad()
-def answer_first_tokens(lens, scenes, questions) -> list[str]:
-    """Greedy first answer word for each (scene, question), through the organism's own processor."""
-    tok = lens.processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"  # the answer is read at the last position of every row
-    try:
-        inputs = lens.processor(text=[PROMPT.format(question=q) for q in questions],
-                                images=[s.pil() for s in scenes], return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    ids = inputs["input_ids"]
-    if (ids[:, -1] == tok.eos_token_id).all():  # the word template appends </s>; the answer comes before it
-        inputs = {k: (v[:, :-1] if k in ("input_ids", "attention_mask") else v) for k, v in inputs.items()}
-    logits = lens(inputs).logits[:, -1]
-    return tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
 
 
 def patch_objects(scene, grid: int) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..testing.tokenizer import word_tokenizer
 from ..world.scene import COLOURS, SHAPES, SIZES
+from .tokenizer import word_tokenizer
 
 WORDS = [
     "a", "an", "the", "photo", "of", "and", "on", "left", "right", "is", "are", "there", "what", "colour", "shape",

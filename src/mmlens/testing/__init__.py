@@ -1,1 +1,1 @@
-"""Helpers for tests, benchmarks and the demo: tiny random models built from configs, never from a hub."""
+"""Helpers for tests and benchmarks: tiny random models built from configs, never from a hub. Run-time code never imports this package."""

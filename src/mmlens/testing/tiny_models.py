@@ -1,6 +1,6 @@
 """Tiny random models of every supported architecture, built from configs and saved with `save_pretrained`.
 
-Tests, benchmarks and (until the organisms ship) the demo load these folders back through the real
+Tests and benchmarks load these folders back through the real
 `from_pretrained` path, so the code under test is exactly what runs on a full-size checkpoint.
 """
 

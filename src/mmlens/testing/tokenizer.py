@@ -1,40 +1,8 @@
-"""A word-level tokenizer built offline with `tokenizers`, so no test or demo ever needs a hub download."""
+"""The word-level tokenizer of the tiny test models. It lives in the runtime package (the organisms train with it);
+this module re-exports it, since tests may depend on runtime code and never the reverse."""
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast
+from ..organisms.tokenizer import EXTRA_SPECIAL, SPECIAL_TOKENS, WORDS, word_tokenizer
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-EXTRA_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-WORDS = (
-    "a an the photo of picture image what colour color shape is are there in on left right top bottom "
-    "red green blue yellow purple orange cyan white black gray grey "
-    "square circle triangle cross star diamond small large big how many objects object yes no "
-    "and it to answer question describe one two three zero , . ? :"
-).split()
-
-
-def word_tokenizer(words: list[str] | None = None, model_max_length: int = 64) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer with `<s> ... </s>` framing and the VLM image tokens as specials."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab_words = SPECIAL_TOKENS + EXTRA_SPECIAL + list(dict.fromkeys(words or WORDS))
-    vocab = {w: i for i, w in enumerate(vocab_words)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        pair="<s> $A </s> $B </s>",
-        special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])],
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        model_max_length=model_max_length,
-    )
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", *EXTRA_SPECIAL]})
-    return tok
+__all__ = ["EXTRA_SPECIAL", "SPECIAL_TOKENS", "WORDS", "word_tokenizer"]

@@ -1,0 +1,73 @@
+"""The organisms' prompts, at run time: the 24 captions the clip and diffusion organisms know, and the vlm
+organism's question template with the helpers that build its inputs and read its answers.
+
+    from mmlens.organisms.prompts import PROMPTS, answer_first_tokens, vlm_inputs
+
+    lens = mmlens.organisms.load("vlm")
+    inputs = vlm_inputs(lens, [scene], ["what colour is the square ?"])   # left-padded, ends at 'answer :'
+    answer_first_tokens(lens, [scene], ["what colour is the square ?"])   # ['red']
+
+Where the vlm's answer is read. The organism's word-level tokenizer (`tokenizer.py`) frames every text as
+`<s> ... </s>`, so the processor's prompt ends in `</s>`, which training never put after `answer :`. The answer is
+the prediction at the last position *before* `</s>`: the ':' of 'answer :'. The LM is causal, so the logits at that
+position do not depend on the trailing `</s>`; `vlm_inputs` drops it (by default), so that in every row the last
+position is the ':' (left padding lines the rows up at the end) and `logits[:, -1]` is the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..world.scene import COLOURS, SHAPES
+
+PROMPTS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+"""'a {colour} {shape}' for every pair the world draws (24, colour-major): the clip organism's zero-shot classes
+and the diffusion organism's training prompts."""
+
+TURN = "{question} answer :"
+"""One question turn of the vlm organism; training packs `<s> <image>*N q1 answer : a1 q2 answer : a2 ...`."""
+
+PROMPT = "<image> " + TURN
+"""The vlm organism's inference prompt, `<image> {question} answer :`: exactly the first training turn."""
+
+
+def _processor(lens_or_processor: Any):
+    from ..lens import Lens
+
+    return lens_or_processor.processor if isinstance(lens_or_processor, Lens) else lens_or_processor
+
+
+def vlm_inputs(lens_or_processor: Any, scenes: Sequence, questions: Sequence[str], *, drop_eos: bool = True) -> dict:
+    """Processor inputs for `PROMPT` over (scene, question) pairs, left-padded so every row ends at the same place.
+
+    The tokenizer's `padding_side` is set to "left" for the call and restored afterwards, also on error, so the
+    caller's processor is left as it was. With `drop_eos` (default) a trailing `</s>` that the tokenizer appended to
+    every row is removed, so the last position of each row is the ':' where the answer is predicted (see the
+    module docstring); a tokenizer that appends nothing is left alone.
+    """
+    if len(scenes) != len(questions):
+        raise ValueError(f"vlm_inputs: {len(scenes)} scenes but {len(questions)} questions")
+    proc = _processor(lens_or_processor)
+    tok = proc.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        inputs = proc(text=[PROMPT.format(question=q) for q in questions], images=[s.pil() for s in scenes],
+                      return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    inputs = dict(inputs)
+    ids = inputs["input_ids"]
+    if drop_eos and tok.eos_token_id is not None and bool((ids[:, -1] == tok.eos_token_id).all()):
+        inputs = {k: (v[:, :-1] if torch.is_tensor(v) and v.shape == ids.shape else v) for k, v in inputs.items()}
+    return inputs
+
+
+@torch.no_grad()
+def answer_first_tokens(lens, scenes: Sequence, questions: Sequence[str]) -> list[str]:
+    """Greedy first answer word for each (scene, question), through the organism's own processor: the argmax of
+    the logits at the ':' of 'answer :' (the last position of `vlm_inputs`)."""
+    logits = lens(vlm_inputs(lens, scenes, questions)).logits[:, -1]
+    return lens.processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
