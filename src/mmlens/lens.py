@@ -213,14 +213,9 @@ class Lens:
                 suggest: Sequence[str] = (), **kwargs) -> dict[str, Any]:
         """Processor output or keyword tensors, checked, moved to the model's first device; floats in its dtype."""
         merged = check_model_inputs(self, inputs, kwargs, where, suggest)
-        out = {}
-        for k, v in merged.items():
-            if isinstance(v, torch.Tensor):
-                v = v.to(self.device)
-                if v.is_floating_point():
-                    v = v.to(self.dtype)
-            out[k] = v
-        return out
+        device, dtype = self.device, self.dtype
+        return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor) else v
+                for k, v in merged.items()}
 
     def __call__(self, inputs: Mapping[str, Any] | None = None, **kwargs):
         """The model's forward on processor output (a diffusion pipeline: its __call__ with these keywords)."""
