@@ -24,3 +24,14 @@ def test_organisms_tour(capsys):
     assert binding and all(binding)
     assert result["n_image"] == 65  # 8x8 patches + CLS, the "full" feature strategy
     assert "lm.blocks.3.resid_post (1, " in capsys.readouterr().out
+
+
+@pytest.mark.skipif("vlm" not in available(), reason="needs the shipped vlm organism")
+def test_attention_to_objects(capsys):
+    """The answer position attends to the asked object's patches (ground-truth masks) more than to the other
+    object's: at least 2x in its best layer, on held-out scenes."""
+    result = runpy.run_path(str(EXAMPLES / "attention_to_objects.py"))["main"](n_scenes=16)
+    ratio = result["asked"] / result["other"]
+    assert result["n"] >= 8 and ratio.max() > 2.0
+    assert ((result["asked"] > 0) & (result["asked"] < 1)).all()
+    assert "block 1 attention from the answer" in capsys.readouterr().out
