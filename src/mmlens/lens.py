@@ -322,7 +322,11 @@ class Lens:
         """Modality, image index and (row, col) patch cell of every sequence position (generative VLMs)."""
         if self.family != "generative":
             raise TypeError(f"token_map is defined for generative VLMs; {self.architecture} is {self.family}")
-        return self.adapter.token_map(dict(inputs), self.processor)
+        inputs = check_model_inputs(self, inputs, {}, "lens.token_map", for_forward=False)
+        if not isinstance(inputs.get("input_ids"), torch.Tensor):
+            raise ValueError("lens.token_map: inputs hold no input_ids tensor; pass what the processor returns "
+                             "(return_tensors='pt')")
+        return self.adapter.token_map(inputs, self.processor)
 
     # ---------------------------------------------------------------------------------------- read-out maps
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:

@@ -202,3 +202,11 @@ def test_probs_alias_warns_and_resolves(tiny_lens):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lens.hook_points("unet.*.cross.pattern")
+
+
+def test_token_map_inputs_checked(tiny_lens):
+    lens = tiny_lens("llava")
+    with pytest.raises(TypeError, match="lens.token_map: inputs must be a mapping"):
+        lens.token_map(sample_image(0))
+    with pytest.raises(ValueError, match="no input_ids tensor"):
+        lens.token_map({"pixel_values": sample_inputs("llava", lens)["pixel_values"]})

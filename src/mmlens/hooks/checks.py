@@ -111,8 +111,10 @@ def check_keywords(keys: Iterable[str], fn: Callable, owner: str, extra: Iterabl
         raise TypeError(f"{where}unknown keyword argument {k!r} for {owner}.{hint} Allowed: {', '.join(sorted(allowed))}")
 
 
-def check_model_inputs(lens, inputs: Any, kwargs: dict, where: str, suggest: Iterable[str] = ()) -> dict:
-    """Processor output (or keyword tensors) for a transformers model: a mapping of tensors the forward accepts."""
+def check_model_inputs(lens, inputs: Any, kwargs: dict, where: str, suggest: Iterable[str] = (), *,
+                       for_forward: bool = True) -> dict:
+    """Processor output (or keyword tensors) for a transformers model: a mapping of tensors the forward accepts.
+    `for_forward=False` checks only the form (the token map reads input_ids alone)."""
     if inputs is not None and not isinstance(inputs, Mapping):
         what = _describe(inputs)
         if _is_image(inputs) or isinstance(inputs, str):
@@ -134,9 +136,10 @@ def check_model_inputs(lens, inputs: Any, kwargs: dict, where: str, suggest: Ite
         if key in TENSOR_KEYS and (isinstance(value, (list, tuple, str)) or hasattr(value, "__array__")):
             raise TypeError(f"{where}: inputs[{key!r}] is a {_describe(value)}, not a torch.Tensor; call the processor "
                             "with return_tensors='pt'")
-    model = lens.model
-    check_keywords(merged, type(model).forward, type(model).__name__, _transformers_kwargs(), f"{where}: ", suggest)
-    _check_content(lens, merged, where)
+    if for_forward:
+        model = lens.model
+        check_keywords(merged, type(model).forward, type(model).__name__, _transformers_kwargs(), f"{where}: ", suggest)
+        _check_content(lens, merged, where)
     return merged
 
 
