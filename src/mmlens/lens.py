@@ -13,8 +13,8 @@ from torch import nn
 
 from .hooks.attention import check_selection
 from .hooks.cache import ActivationCache
-from .hooks.checks import (check_cache_options, check_hook_map, check_model_inputs, check_pipeline_kwargs, check_steps,
-                           default_steps)
+from .hooks.checks import (check_cache_options, check_grad, check_hook_map, check_model_inputs, check_pipeline_kwargs,
+                           check_steps, default_guidance, default_steps)
 from .hooks.context import HookContext
 from .hooks.names import natural_sorted, resolve
 from .hooks.session import HookFn, HookSession
@@ -226,7 +226,9 @@ class Lens:
                                     f"{type(inputs).__name__}")
                 merged = {**dict(inputs or {}), **kwargs}
                 check_pipeline_kwargs(self, merged, "lens(...)")
-                return self.model(**merged)
+                default_steps(self, merged)
+                with self._steps.track(default_guidance(self, merged)):
+                    return self.model(**merged)
             return self.model(**self.prepare(inputs, where="lens(...)", **kwargs))
 
     def run_with_cache(
@@ -251,6 +253,7 @@ class Lens:
         Other keywords go to the model's forward and must be parameters it accepts.
         """
         if self.family == "diffusion":
+            check_grad(grad)
             if grad:
                 raise ValueError("grad=True is not supported on diffusion pipelines (they sample under no_grad)")
             return self.generate(names=names, hooks=hooks, cache_device=cache_device, cache_dtype=cache_dtype,
@@ -295,8 +298,7 @@ class Lens:
             pipe_kwargs["prompt"] = prompt
         check_pipeline_kwargs(self, pipe_kwargs, "lens.generate", _GENERATE_ARGS)
         n_steps = default_steps(self, pipe_kwargs)
-        guidance = pipe_kwargs.get("guidance_scale")
-        cfg = None if guidance is None else guidance > 1
+        cfg = default_guidance(self, pipe_kwargs)
         cache = StepCache(cache_device, cache_dtype)
         caps = {n: [lambda v, ctx: cache.record_ctx(ctx.name, v, ctx)] for n in self.resolve(names)}
         with self._guard("lens.generate"):

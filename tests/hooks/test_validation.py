@@ -210,3 +210,65 @@ def test_token_map_inputs_checked(tiny_lens):
         lens.token_map(sample_image(0))
     with pytest.raises(ValueError, match="no input_ids tensor"):
         lens.token_map({"pixel_values": sample_inputs("llava", lens)["pixel_values"]})
+
+
+# ------------------------------------------------------------------------------- found by benchmarks/reliability
+@pytest.mark.parametrize("device,match", [("meta", "shapes without values"),
+                                          pytest.param("cuda", "not usable here", marks=pytest.mark.skipif(
+                                              torch.cuda.is_available(), reason="CUDA is usable here"))])
+def test_cache_device_must_be_usable(tiny_lens, device, match):
+    lens = tiny_lens("clip")
+    with pytest.raises(ValueError, match=f"cache_device.*{match}"):
+        lens.run_with_cache(sample_inputs("clip", lens), names="vision.blocks.0.resid_post", cache_device=device)
+
+
+def test_pixart_guidance_branches_through_lens_call(tiny_lens):
+    """PixArt keeps `do_classifier_free_guidance` in a local variable: lens(...) reads it from guidance_scale, and a
+    direct pipeline call inside hooks must say it (no guess)."""
+    lens = tiny_lens("pixart")
+    kw = dict(prompt="a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+              use_resolution_binning=False)
+    seen = []
+    with lens.hooks({"dit.blocks.0.resid_post": lambda x, ctx: seen.append((ctx.branches, x.shape[0]))}):
+        lens(**kw, guidance_scale=5.0)
+        lens(**kw, guidance_scale=1.0)
+    assert seen == [(("uncond", "cond"), 2)] * 2 + [(("cond",), 1)] * 2
+    with pytest.raises(ValueError, match="pass guidance=True/False to lens.hooks"):
+        with lens.hooks({"dit.blocks.0.resid_post": lambda x, ctx: None}):
+            lens.model(**kw, guidance_scale=5.0)
+    with lens.hooks({"dit.blocks.0.resid_post": lambda x, ctx: seen.append(ctx.branches)}, guidance=True):
+        lens.model(**kw, guidance_scale=5.0)
+    assert seen[-1] == ("uncond", "cond")
+
+
+@pytest.mark.parametrize("steps,err", [(2.5, ValueError), ("2", ValueError), (0, ValueError)])
+def test_pipeline_call_checks_num_inference_steps(tiny_lens, steps, err):
+    lens = tiny_lens("sd")
+    with pytest.raises(err, match="num_inference_steps must be a positive int"):
+        lens(prompt="a red square", num_inference_steps=steps, height=32, width=32, output_type="np")
+
+
+def test_pipeline_grad_flag_checked(tiny_lens):
+    with pytest.raises(TypeError, match="grad must be True or False"):
+        tiny_lens("sd").run_with_cache({"prompt": "a red square"}, names="unet.out", grad=None)
+
+
+def test_qwen2_vl_inputs_checked(tiny_lens):
+    lens = tiny_lens("qwen2_vl")
+    x = sample_inputs("qwen2_vl", lens)
+    with pytest.raises(ValueError, match="pixel_values without image_grid_thw"):
+        lens({k: v for k, v in x.items() if k != "image_grid_thw"})
+    with pytest.raises(ValueError, match=r"Qwen2-VL takes flattened patches \(patches, 96\)"):
+        lens({**x, "pixel_values": x["pixel_values"][:, :50]})
+
+
+def test_reading_patterns_with_grad_keeps_outputs_exact(tiny_lens):
+    """With gradients on, recorded maps stay in the graph without moving any output, padded rows included."""
+    lens = tiny_lens("qwen2_vl")
+    x = sample_inputs("qwen2_vl", lens, batch=2)
+    assert (x["attention_mask"] == 0).any()  # left padding: fully masked rows exist
+    with torch.enable_grad():
+        ref = lens(x).logits
+        with lens.hooks({"lm.blocks.0.attn.pattern": lambda p, c: None}):
+            got = lens(x).logits
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)

@@ -15,8 +15,8 @@ Both libraries hand q, k, v, the mask and the scale to one kernel function, so m
 The probabilities are recomputed from the kernel's own q (after rotary / M-RoPE), k, mask and scale,
 with grouped-query heads repeated, and only for the query rows and heads asked for. Under eager attention
 the kernel's own weights are used as they are. A hook that returns new probabilities replaces the
-kernel's output by `probs @ v` (attention knockout, steering of attention); so does a run with gradients on,
-so that gradients reach the recorded probabilities.
+kernel's output by `probs @ v` (attention knockout, steering of attention). With gradients on, the output keeps
+the kernel's values and takes the gradient of `probs @ v`, so gradients reach the recorded probabilities.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def resolve_index(sel, size: int, device, arg: str = "index", where: str = "") -
     if isinstance(sel, slice):
         idx = torch.arange(size, device=device)[sel]
         if idx.numel() == 0:
-            raise ValueError(f"{arg} {sel} selects nothing of the {size}{at}")
+            raise ValueError(f"{arg} {sel} selects nothing of the {size}{at}; allowed: {SELECTION_HELP} that "
+                             "selects at least one")
         return idx
     sel = check_selection(sel, arg) if not isinstance(sel, torch.Tensor) else sel
     if sel.dtype == torch.bool:
@@ -86,7 +87,8 @@ def resolve_index(sel, size: int, device, arg: str = "index", where: str = "") -
             raise ValueError(f"{arg} is a bool mask of length {sel.numel()}; it must have length {size}{at}")
         idx = sel.nonzero().flatten()
         if idx.numel() == 0:
-            raise ValueError(f"{arg} mask selects nothing{at}")
+            raise ValueError(f"{arg} mask selects nothing{at}; allowed: a mask with at least one True, or "
+                             f"{SELECTION_HELP}")
         return idx.to(device)
     lo, hi = int(sel.min()), int(sel.max())
     if lo < -size or hi >= size:
@@ -226,8 +228,14 @@ class ProbsFor:
 
 
 def _wants_graph(handlers: list[PatternHandler], q: Tensor) -> bool:
-    """With gradients on, route the output through the recorded probabilities so gradients reach them."""
+    """With gradients on, the output is routed through the recorded probabilities so gradients reach them."""
     return torch.is_grad_enabled() and q.requires_grad and not any(h.selective for h in handlers)
+
+
+def _through(kernel_out: Tensor, pv: Tensor) -> Tensor:
+    """The kernel's output, exactly, with the gradient of `pv = probs @ v`: forward values stay the kernel's (also
+    on fully masked padding rows, where `probs @ v` differs), backward reaches the probabilities."""
+    return kernel_out + (pv.to(kernel_out.dtype) - pv.detach().to(kernel_out.dtype))
 
 
 def _apply(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -323,10 +331,11 @@ class _KernelTable:
                 scale = kwargs.get("scaling")
                 fn = lambda hi, ri: _probs(query, key_states, scale, attention_mask, causal, hi, ri)  # noqa: E731
                 edited, full = fire_handlers(handlers, ProbsFor(fn, nh, nq, dev))
-                if edited is None and full is not None and _wants_graph(handlers, query):
-                    edited = full
                 if edited is None:
-                    return kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
+                    out, weights = kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
+                    if full is not None and _wants_graph(handlers, query):
+                        out = _through(out, _apply(full, value).transpose(1, 2))
+                    return out, weights
             return _apply(edited, value).transpose(1, 2).contiguous(), edited
 
         return mmlens_attention
@@ -363,10 +372,9 @@ class _ObserveSDPA(TorchFunctionMode):
         q, k, v = a["query"], a["key"], a["value"]
         fn = lambda hi, ri: _probs(q, k, a["scale"], a["attn_mask"], a["is_causal"], hi, ri)  # noqa: E731
         edited, full = fire_handlers(self.handlers, ProbsFor(fn, q.shape[1], q.shape[2], q.device))
-        if edited is None and full is not None and _wants_graph(self.handlers, q):
-            edited = full
         if edited is None:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            return _through(out, _apply(full, v)) if full is not None and _wants_graph(self.handlers, q) else out
         return _apply(edited, v)
 
 

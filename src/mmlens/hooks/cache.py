@@ -43,11 +43,19 @@ def check_device(device, arg: str = "cache_device") -> torch.device | None:
     if device is None:
         return None
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:
         raise (TypeError if isinstance(e, TypeError) else ValueError)(
             f"{arg} must be None or a device torch.device() accepts ('cpu', 'cuda:0', ...); got {device!r:.80}"
         ) from None
+    if dev.type == "meta":
+        raise ValueError(f"{arg}='meta' would record shapes without values; use 'cpu' or an accelerator")
+    try:
+        torch.empty(0, device=dev)
+    except (AssertionError, RuntimeError) as e:
+        raise ValueError(f"{arg}={device!r:.40} is not usable here ({str(e).splitlines()[0][:120]}); "
+                         "use 'cpu' or an available accelerator") from None
+    return dev
 
 
 class ActivationCache(Mapping[str, torch.Tensor]):

@@ -162,6 +162,15 @@ def _check_content(lens, x: dict, where: str) -> None:
             raise ValueError(f"{where}: images of {pix.shape[-2]}x{pix.shape[-1]} pixels; {type(model).__name__} takes "
                              f"{size}x{size} (resize through the processor, or pass interpolate_pos_encoding=True "
                              "where the model supports it)")
+    if lens.architecture == "qwen2_vl" and pix is not None:
+        vc = cfg.vision_config
+        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        if pix.dim() != 2 or pix.shape[-1] != width:
+            raise ValueError(f"{where}: pixel_values has shape {tuple(pix.shape)}; Qwen2-VL takes flattened patches "
+                             f"(patches, {width}) as {PROCESSOR_HINT} returns")
+        if x.get("image_grid_thw") is None:
+            raise ValueError(f"{where}: pixel_values without image_grid_thw (each image's (t, h, w) patch grid); "
+                             f"pass both, as {PROCESSOR_HINT} returns them")
     if lens.family == "contrastive" and hasattr(model, "vision_model") and hasattr(model, "text_model"):
         if (ids is None) != (pix is None) or ids is None:
             have = "pixel_values only" if ids is None and pix is not None else "input_ids only" if pix is None and \
@@ -204,20 +213,39 @@ def check_pipeline_kwargs(lens, kwargs: dict, where: str, suggest: Iterable[str]
     check_keywords(kwargs, call, type(lens.model).__name__, ("callback", "callback_steps"), f"{where}: ", suggest)
 
 
+def _default(lens, kwargs: dict, name: str):
+    """A pipeline call's argument: given, else the default of its __call__ signature (None if it has none)."""
+    if name in kwargs:
+        return kwargs[name]
+    p = inspect.signature(type(lens.model).__call__).parameters.get(name)
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+def default_guidance(lens, kwargs: dict) -> bool | None:
+    """Whether a pipeline call runs classifier-free guidance (its guidance_scale > 1), None if it cannot be told."""
+    scale = _default(lens, kwargs, "guidance_scale")
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a number; got {scale!r:.40}")
+    return scale > 1
+
+
 def default_steps(lens, kwargs: dict) -> int | None:
     """The number of denoising steps a pipeline call will run (its argument, else its signature's default)."""
-    n = kwargs.get("num_inference_steps")
-    if n is None:
-        p = inspect.signature(type(lens.model).__call__).parameters.get("num_inference_steps")
-        n = None if p is None or p.default is inspect.Parameter.empty else p.default
+    n = _default(lens, kwargs, "num_inference_steps")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"num_inference_steps must be a positive int; got {n!r}")
     return n
 
 
-def check_cache_options(grad: bool, cache_device, cache_dtype, attn_rows, attn_heads) -> None:
+def check_grad(grad: Any) -> None:
     if not isinstance(grad, bool):
         raise TypeError(f"grad must be True or False; got {_describe(grad)} {grad!r:.40}")
+
+
+def check_cache_options(grad: bool, cache_device, cache_dtype, attn_rows, attn_heads) -> None:
+    check_grad(grad)
     if grad and (cache_device is not None or cache_dtype is not None):
         raise ValueError("grad=True keeps the recorded tensors in the autograd graph; cache_device/cache_dtype would "
                          "record copies outside it. Move or cast the values after computing gradients")

@@ -99,9 +99,14 @@ class StepTracker:
         if marker is not self._marker:
             state.calls, self._marker = 0, marker
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        chosen = next((g for g in reversed(self._guidance) if g is not None), None)
-        cfg = chosen if chosen is not None else bool(getattr(self.pipeline, "do_classifier_free_guidance", False))
+        cfg = next((g for g in reversed(self._guidance) if g is not None), None)
+        if cfg is None:
+            cfg = getattr(self.pipeline, "do_classifier_free_guidance", None)
+        if cfg is None:  # e.g. PixArt keeps it in a local variable: refuse to guess the batch's halves
+            raise ValueError(f"{type(self.pipeline).__name__} does not say whether it runs classifier-free guidance, so "
+                             "hooks cannot tell the [uncond, cond] halves apart: call it through lens(...) or "
+                             "lens.generate(...), or pass guidance=True/False to lens.hooks()")
         state.step = state.calls
         state.timestep = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else t
-        state.branches = BRANCHES_CFG if cfg else ("cond",)
+        state.branches = BRANCHES_CFG if bool(cfg) else ("cond",)
         state.calls += 1
