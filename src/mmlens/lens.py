@@ -14,7 +14,7 @@ from torch import nn
 from .hooks.attention import check_selection
 from .hooks.cache import ActivationCache
 from .hooks.checks import (check_cache_options, check_grad, check_hook_map, check_model_inputs, check_pipeline_kwargs,
-                           check_steps, default_guidance, default_steps)
+                           check_steps, default_guidance, default_steps, reject_unknown)
 from .hooks.context import HookContext
 from .hooks.names import natural_sorted, resolve
 from .hooks.session import HookFn, HookSession
@@ -24,6 +24,7 @@ from .hooks.tracking import StepTracker, guard_for
 from .models.base import Adapter
 
 Names = str | Sequence[str] | None
+_HOOKS_ARGS = ("fns", "captures", "attn_rows", "attn_heads", "steps", "record_steps", "guidance")
 _RUN_ARGS = ("names", "hooks", "cache_device", "cache_dtype", "attn_rows", "attn_heads", "grad")
 _GENERATE_ARGS = ("names", "hooks", "steps", "record_steps", "cache_device", "cache_dtype", "attn_rows", "attn_heads",
                   "progress")
@@ -119,6 +120,7 @@ class Lens:
         steps: Iterable[int] | None = None,
         record_steps: Iterable[int] | None = None,
         guidance: bool | None = None,
+        **unknown,
     ) -> Iterator[HookSession]:
         """Hooks alive for the `with` block only, removed on exit also when the block raises.
 
@@ -132,6 +134,7 @@ class Lens:
         Blocks may nest and exit in any order. A model serves one thread at a time: another thread's call while
         this block is open raises LensBusyError.
         """
+        reject_unknown(unknown, _HOOKS_ARGS, "lens.hooks")
         with self._guard("lens.hooks"):
             session = self._session(fns, captures, attn_rows, attn_heads, steps, record_steps, guidance)
             with contextlib.ExitStack() as stack:
@@ -227,7 +230,7 @@ class Lens:
                 merged = {**dict(inputs or {}), **kwargs}
                 check_pipeline_kwargs(self, merged, "lens(...)")
                 default_steps(self, merged)
-                with self._steps.track(default_guidance(self, merged)):
+                with self._steps.track(default_guidance(self, merged), from_call=True):
                     return self.model(**merged)
             return self.model(**self.prepare(inputs, where="lens(...)", **kwargs))
 
@@ -302,10 +305,10 @@ class Lens:
         cache = StepCache(cache_device, cache_dtype)
         caps = {n: [lambda v, ctx: cache.record_ctx(ctx.name, v, ctx)] for n in self.resolve(names)}
         with self._guard("lens.generate"):
-            session = self._session(hooks, caps, attn_rows, attn_heads, steps, record_steps, cfg, n_steps)
+            session = self._session(hooks, caps, attn_rows, attn_heads, steps, record_steps, None, n_steps)
             fire, record = check_steps(steps, "steps", n_steps), check_steps(record_steps, "record_steps", n_steps)
             seen: set[int] = set()
-            with self._steps.track(cfg), session, _progress(self.model, progress):
+            with self._steps.track(cfg, from_call=True), session, _progress(self.model, progress):
                 self._steps.restart()
                 watch = getattr(self.model, self.adapter.denoiser).register_forward_pre_hook(
                     lambda *a: seen.add(self._steps.state.step))

@@ -96,3 +96,16 @@ def test_grad_options_that_would_leave_the_graph_are_refused(tiny_lens):
         lens.run_with_cache(inputs, names="vision.blocks.0.attn.pattern", grad=True, attn_rows=[0])
     with pytest.raises(TypeError, match="grad must be True or False"):
         lens.run_with_cache(inputs, names="vision.blocks.0.resid_post", grad="yes")
+
+
+def test_recording_a_pattern_does_not_change_other_gradients(tiny_lens):
+    """Routing gradients through the recorded map must not count q, k, v twice (kernel path + recomputed path)."""
+    lens = tiny_lens("llava")
+    inputs = sample_inputs("llava", lens, batch=2)
+    names = ["lm.blocks.1.attn.q", "lm.blocks.1.attn.k", "lm.blocks.1.attn.v", "lm.blocks.0.resid_post"]
+    out, plain = lens.run_with_cache(inputs, names=names, grad=True)
+    ref = torch.autograd.grad(_metric(out), [plain[n] for n in names])
+    out, both = lens.run_with_cache(inputs, names=[*names, "lm.blocks.1.attn.pattern"], grad=True)
+    got = torch.autograd.grad(_metric(out), [both[n] for n in names])
+    for n, g, r in zip(names, got, ref):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5, msg=n)

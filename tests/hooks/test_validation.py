@@ -272,3 +272,16 @@ def test_reading_patterns_with_grad_keeps_outputs_exact(tiny_lens):
         with lens.hooks({"lm.blocks.0.attn.pattern": lambda p, c: None}):
             got = lens(x).logits
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_guidance_said_in_hooks_wins_over_the_call(tiny_lens):
+    lens = tiny_lens("sd")
+    seen = []
+    with lens.hooks({"unet.mid.out": lambda x, ctx: seen.append(ctx.branches)}, guidance=True):
+        lens(prompt="a red square", num_inference_steps=2, guidance_scale=1.0, height=32, width=32, output_type="np")
+    assert seen == [("uncond", "cond")] * 2
+
+
+def test_misspelt_keyword_of_hooks_is_named_with_its_correction(tiny_lens):
+    with pytest.raises(TypeError, match="lens.hooks: unknown keyword argument 'attn_head'. Did you mean attn_heads"):
+        tiny_lens("clip").hooks({"vision.blocks.0.resid_post": lambda x, c: None}, attn_head=[0]).__enter__()

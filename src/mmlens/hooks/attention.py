@@ -233,9 +233,11 @@ def _wants_graph(handlers: list[PatternHandler], q: Tensor) -> bool:
 
 
 def _through(kernel_out: Tensor, pv: Tensor) -> Tensor:
-    """The kernel's output, exactly, with the gradient of `pv = probs @ v`: forward values stay the kernel's (also
-    on fully masked padding rows, where `probs @ v` differs), backward reaches the probabilities."""
-    return kernel_out + (pv.to(kernel_out.dtype) - pv.detach().to(kernel_out.dtype))
+    """The kernel's output values, exactly, with the gradient of `pv = probs @ v` only: forward stays the kernel's
+    (also on fully masked padding rows, where `probs @ v` differs), backward reaches q, k, v once, through the
+    recorded probabilities."""
+    pv = pv.to(kernel_out.dtype)
+    return kernel_out.detach() + (pv - pv.detach())
 
 
 def _apply(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

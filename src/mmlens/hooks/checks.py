@@ -79,6 +79,15 @@ def check_steps(steps: Iterable[int] | None, arg: str, n_steps: int | None = Non
     return out
 
 
+def reject_unknown(unknown: Mapping, allowed: Iterable[str], where: str) -> None:
+    """Keyword arguments a method does not take: a clear error with the close matches, not Python's bare one."""
+    if unknown:
+        k = next(iter(unknown))
+        close = difflib.get_close_matches(k, sorted(allowed), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise TypeError(f"{where}: unknown keyword argument {k!r}.{hint} Allowed: {', '.join(sorted(allowed))}")
+
+
 @functools.lru_cache(maxsize=64)
 def _accepted(fn: Callable) -> tuple[frozenset[str], bool]:
     """(named parameters, has **kwargs) of a forward / __call__."""

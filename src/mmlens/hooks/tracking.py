@@ -69,20 +69,24 @@ class StepTracker:
         self._users = 0
         self._handle = None
         self._marker: Any = None
-        self._guidance: list[bool | None] = []
+        self._said: list[bool | None] = []  # guidance= of lens.hooks() blocks: the user's word, innermost wins
+        self._seen: list[bool | None] = []  # guidance_scale > 1 of the pipeline calls mmlens makes
 
     @contextlib.contextmanager
-    def track(self, guidance: bool | None) -> Iterator[StepState]:
+    def track(self, guidance: bool | None, *, from_call: bool = False) -> Iterator[StepState]:
+        """Count steps for the block. `guidance`: whether the denoiser batch holds [uncond, cond] halves, as the
+        user said (`lens.hooks(guidance=...)`, which wins) or as a call's guidance_scale implies (`from_call`)."""
         if self._users == 0:
             module = getattr(self.pipeline, self.denoiser)
             self._handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
             self.restart()
         self._users += 1
-        self._guidance.append(guidance)
+        stack = self._seen if from_call else self._said
+        stack.append(guidance)
         try:
             yield self.state
         finally:
-            self._guidance.pop()
+            stack.pop()
             self._users -= 1
             if self._users == 0:
                 self._handle.remove()
@@ -99,7 +103,7 @@ class StepTracker:
         if marker is not self._marker:
             state.calls, self._marker = 0, marker
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        cfg = next((g for g in reversed(self._guidance) if g is not None), None)
+        cfg = next((g for stack in (self._said, self._seen) for g in reversed(stack) if g is not None), None)
         if cfg is None:
             cfg = getattr(self.pipeline, "do_classifier_free_guidance", None)
         if cfg is None:  # e.g. PixArt keeps it in a local variable: refuse to guess the batch's halves

@@ -233,7 +233,7 @@ def snapshot(lens) -> dict[str, Any]:
         "kernel_users": {k: v for k, v in A.KERNELS.users.items() if v},
         "kernel_handlers": sum(len(v) for v in A.KERNELS.handlers.values()),
         "kernel_installed": sorted(A.KERNELS.installed),
-        "step_users": None if steps is None else (steps._users, steps._handle is not None, len(steps._guidance)),
+        "step_users": None if steps is None else (steps._users, steps._handle is not None, len(steps._said) + len(steps._seen)),
         "guard": (lens._guard.owner, lens._guard.depth),
         "sdpa": id(F.scaled_dot_product_attention),
         "function_modes": torch._C._len_torch_function_stack(),
