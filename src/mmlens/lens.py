@@ -136,7 +136,7 @@ class Lens:
         """
         reject_unknown(unknown, _HOOKS_ARGS, "lens.hooks")
         with self._guard("lens.hooks"):
-            session = self._session(fns, captures, attn_rows, attn_heads, steps, record_steps, guidance)
+            session, _ = self._session(fns, captures, attn_rows, attn_heads, steps, record_steps, guidance)
             with contextlib.ExitStack() as stack:
                 if self._steps is not None:
                     stack.enter_context(self._steps.track(guidance))
@@ -144,8 +144,8 @@ class Lens:
                 yield session
 
     def _session(self, fns, captures, attn_rows, attn_heads, steps, record_steps, guidance,
-                 n_steps: int | None = None) -> HookSession:
-        """Validate every argument, then build (not enter) the session."""
+                 n_steps: int | None = None) -> tuple[HookSession, tuple[set[int] | None, set[int] | None]]:
+        """Validate every argument, then build (not enter) the session; also the (steps, record_steps) sets."""
         if self._steps is None:
             given = [k for k, v in (("steps", steps), ("record_steps", record_steps), ("guidance", guidance)) if v is not None]
             if given:
@@ -179,9 +179,10 @@ class Lens:
                 return HookContext(site.name, site.path, state.step, state.timestep, state.branches)
             return HookContext(site.name, site.path)
 
-        return HookSession(self.sites, fn_map, cap_map, context=context, enabled=enabled,
-                           attn_rows=self._per_site(attn_rows, "attn_rows"),
-                           attn_heads=self._per_site(attn_heads, "attn_heads"))
+        session = HookSession(self.sites, fn_map, cap_map, context=context, enabled=enabled,
+                              attn_rows=self._per_site(attn_rows, "attn_rows"),
+                              attn_heads=self._per_site(attn_heads, "attn_heads"))
+        return session, (fire, record)
 
     def _per_site(self, sel, arg: str):
         if not isinstance(sel, Mapping):
@@ -305,8 +306,8 @@ class Lens:
         cache = StepCache(cache_device, cache_dtype)
         caps = {n: [lambda v, ctx: cache.record_ctx(ctx.name, v, ctx)] for n in self.resolve(names)}
         with self._guard("lens.generate"):
-            session = self._session(hooks, caps, attn_rows, attn_heads, steps, record_steps, None, n_steps)
-            fire, record = check_steps(steps, "steps", n_steps), check_steps(record_steps, "record_steps", n_steps)
+            session, (fire, record) = self._session(hooks, caps, attn_rows, attn_heads, steps, record_steps, None,
+                                                    n_steps)
             seen: set[int] = set()
             with self._steps.track(cfg, from_call=True), session, _progress(self.model, progress):
                 self._steps.restart()

@@ -285,3 +285,14 @@ def test_guidance_said_in_hooks_wins_over_the_call(tiny_lens):
 def test_misspelt_keyword_of_hooks_is_named_with_its_correction(tiny_lens):
     with pytest.raises(TypeError, match="lens.hooks: unknown keyword argument 'attn_head'. Did you mean attn_heads"):
         tiny_lens("clip").hooks({"vision.blocks.0.resid_post": lambda x, c: None}, attn_head=[0]).__enter__()
+
+
+def test_numpy_selections(tiny_lens):
+    lens = tiny_lens("llava")
+    inputs = sample_inputs("llava", lens)
+    name = "lm.blocks.0.attn.pattern"
+    full = lens.run_with_cache(inputs, names=name)[1][name]
+    mask = np.zeros(full.shape[2], dtype=bool)
+    mask[[1, 3]] = True
+    got = lens.run_with_cache(inputs, names=name, attn_rows=mask, attn_heads=np.array([0, -1]))[1][name]
+    torch.testing.assert_close(got, full[:, [0, 3]][:, :, [1, 3]], atol=1e-6, rtol=0)

@@ -46,18 +46,19 @@ def check_selection(sel, arg: str):
         return sel
     if isinstance(sel, (bool, int, float)) or (isinstance(sel, torch.Tensor) and sel.dim() == 0):
         raise TypeError(f"{arg} must be {SELECTION_HELP}; got the scalar {sel!r} (write [{sel!r}] for one index)")
-    if isinstance(sel, (str, bytes)) or not isinstance(sel, (Sequence, torch.Tensor, range)) and not hasattr(sel, "__array__"):
-        raise TypeError(f"{arg} must be {SELECTION_HELP}; got {type(sel).__name__}")
+    if hasattr(sel, "__array__") and not isinstance(sel, torch.Tensor):  # numpy arrays
+        sel = torch.as_tensor(sel)
     if not isinstance(sel, torch.Tensor):
+        if isinstance(sel, (str, bytes)) or not isinstance(sel, (Sequence, range)):
+            raise TypeError(f"{arg} must be {SELECTION_HELP}; got {type(sel).__name__}")
         items = list(sel)
         if items and all(isinstance(x, bool) for x in items):
             sel = torch.tensor(items, dtype=torch.bool)
-        elif all(isinstance(x, int) and not isinstance(x, bool) or hasattr(x, "__index__") and not isinstance(x, bool)
-                 for x in items):
-            sel = torch.tensor([int(x) for x in items], dtype=torch.long)
         else:
-            bad = next(x for x in items if not isinstance(x, int) or isinstance(x, bool))
-            raise TypeError(f"{arg} must be {SELECTION_HELP}; it holds {type(bad).__name__} {bad!r}")
+            bad = next((x for x in items if isinstance(x, bool) or not hasattr(x, "__index__")), None)
+            if bad is not None:
+                raise TypeError(f"{arg} must be {SELECTION_HELP}; it holds {type(bad).__name__} {bad!r}")
+            sel = torch.tensor([int(x) for x in items], dtype=torch.long)
     if sel.dim() != 1:
         raise ValueError(f"{arg} must be one-dimensional (the same positions in every batch row); got shape "
                          f"{tuple(sel.shape)}")
