@@ -71,6 +71,7 @@ def test_negative_and_mask_rows_mean_what_python_means(tiny_lens):
 @pytest.mark.parametrize("kw,err,match", [
     (dict(attn_rows=[100]), ValueError, r"attn_rows index 100 is out of range for \d+ entries at lm.blocks.0.attn.pattern"),
     (dict(attn_rows=[0.5]), TypeError, "attn_rows must be .* it holds float"),
+    (dict(attn_rows=[0, None]), TypeError, "attn_rows must be .* it holds NoneType"),
     (dict(attn_heads=2), TypeError, r"attn_heads must be .*scalar 2 \(write \[2\]"),
     (dict(attn_rows=torch.ones(3, dtype=torch.bool)), ValueError, "bool mask of length 3; it must have length"),
     (dict(attn_rows=torch.tensor([[0, 1]])), ValueError, "one-dimensional"),

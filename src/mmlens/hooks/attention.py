@@ -55,9 +55,9 @@ def check_selection(sel, arg: str):
         if items and all(isinstance(x, bool) for x in items):
             sel = torch.tensor(items, dtype=torch.bool)
         else:
-            bad = next((x for x in items if isinstance(x, bool) or not hasattr(x, "__index__")), None)
-            if bad is not None:
-                raise TypeError(f"{arg} must be {SELECTION_HELP}; it holds {type(bad).__name__} {bad!r}")
+            bad = [x for x in items if isinstance(x, bool) or not hasattr(x, "__index__")]
+            if bad:
+                raise TypeError(f"{arg} must be {SELECTION_HELP}; it holds {type(bad[0]).__name__} {bad[0]!r}")
             sel = torch.tensor([int(x) for x in items], dtype=torch.long)
     if sel.dim() != 1:
         raise ValueError(f"{arg} must be one-dimensional (the same positions in every batch row); got shape "
