@@ -59,12 +59,18 @@ class CheckMixin:
         if not names or any(sites[n].row.read == "pattern" for n in plan.chains):
             return None
         metric = _metric(output)
-        got = torch.autograd.grad(metric, [cache[n] for n in names], allow_unused=True)
         ref = self._reference(case.arch, case.variant, plan, case.entry, {}, grad_names=tuple(names), inputs=inputs)
+        ref_metric = _metric(ref.output)
+        if not metric.requires_grad or not ref_metric.requires_grad:  # an edit cast to an integer cuts the graph
+            if metric.requires_grad != ref_metric.requires_grad:
+                return (f"grad: the output is {'' if metric.requires_grad else 'not '}in the graph, the plain hooks' "
+                        f"is {'' if ref_metric.requires_grad else 'not'}")
+            return None
+        got = torch.autograd.grad(metric, [cache[n] for n in names], allow_unused=True)
         fulls = [ref.graph.get(n) for n in names]
         if any(f is None for f in fulls):
             return None
-        want = torch.autograd.grad(_metric(ref.output), fulls, allow_unused=True)
+        want = torch.autograd.grad(ref_metric, fulls, allow_unused=True)
         for n, g, w in zip(names, got, want):
             if w is None:
                 if g is not None and g.abs().max() > 0:
