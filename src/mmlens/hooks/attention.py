@@ -289,12 +289,13 @@ class _KernelTable:
                 table._local_mapping[key] = dispatcher
                 self.installed[key] = (dispatcher, prev)
             self.users[key] = self.users.get(key, 0) + 1
+            handler.kernel_key = key  # removal undoes exactly this, even if the model's implementation changes
             self.handlers = {**self.handlers, module: [*self.handlers.get(module, []), handler]}  # copy-on-write
 
     def remove(self, module: torch.nn.Module, handler: PatternHandler) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as table
 
-        key = attn_key(module)
+        key = handler.kernel_key
         with self.lock:
             rest = [h for h in self.handlers.get(module, []) if h is not handler]
             self.handlers = {**{m: hs for m, hs in self.handlers.items() if m is not module}, **({module: rest} if rest else {})}
