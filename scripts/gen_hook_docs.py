@@ -25,7 +25,7 @@ Every family uses the same words; only the tower prefix and the block path diffe
 | `pattern` | attention probabilities, (batch, heads, query, key), rows sum to 1 | SD3's `joint.pattern` runs over [image tokens, text tokens], image first |
 | MLP | `mlp.pre` (before the activation), `mlp.post` (neurons, input of the down projection), `mlp.out` | |
 
-Aliases: a name or glob ending in `.probs` (the name of diffusion attention maps before 0.2) resolves to `.pattern`
+Aliases: a name or glob ending in `.probs` (the earlier name of diffusion attention maps) resolves to `.pattern`
 with a FutureWarning. `lens.hook_points()` lists every name of a loaded model; `lens.describe()` folds them by block.
 """
 

@@ -131,3 +131,16 @@ def test_attention_table_restored(tiny_lens):
     lens = tiny_lens("llava")
     _patterns(lens, sample_inputs("llava", lens))
     assert ALL_ATTENTION_FUNCTIONS._local_mapping == before
+
+
+def test_attention_probs_helper_matches_softmax():
+    """The public recomputation: GQA heads repeated, rows and heads picked first (negatives from the end)."""
+    from mmlens.hooks.attention import attention_probs
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+    full = torch.softmax(q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 8 ** -0.5, dim=-1)
+    torch.testing.assert_close(attention_probs(q, k), full)
+    torch.testing.assert_close(attention_probs(q, k, rows=[-1], heads=[1, -1]), full[:, [1, 3]][:, :, [4]])
+    causal = attention_probs(q, k, is_causal=True, rows=[-2])
+    assert causal[..., 4].abs().max() == 0 and torch.allclose(causal.sum(-1), torch.ones(2, 4, 1))

@@ -150,11 +150,7 @@ def test_two_lenses_in_two_threads_capture_their_own_patterns(tiny_folder):
             if set(c) != set(ref[k]) or any(not torch.allclose(c[n], ref[k][n], atol=1e-6) for n in c):
                 bad.append(k)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads([(work, 0), (work, 1)])
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     assert bad == [] and not any("mmlens" in getattr(f, "__name__", "")
@@ -178,9 +174,102 @@ def test_two_pipelines_in_two_threads_see_their_own_maps(tiny_folder):
                                             for t in (0, 1)):
                 bad.append(prompt)
 
-    threads = [threading.Thread(target=work, args=(a, "a red square")), threading.Thread(target=work, args=(b, "a blue circle"))]
+    _run_threads([(work, a, "a red square"), (work, b, "a blue circle")])
+    assert bad == []
+
+
+def _run_threads(targets):
+    """Run the workers; an exception in any of them fails the test (a thread's exception is otherwise a warning)."""
+    errors = []
+
+    def wrap(fn, *args):
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=t) for t in targets]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert bad == []
+    assert errors == []
+
+
+def test_other_models_keep_their_own_kernels_while_a_session_is_open(tiny_lens):
+    """Unhooked modules pass through unchanged: an eager model with its own eager function, a kernel called by
+    keyword (as some transformers models do), and another model's forward."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as table
+
+    hooked = tiny_lens("llava", attn_implementation="eager")
+    other = tiny_lens("clip", attn_implementation="eager")
+    inputs = sample_inputs("clip", other)
+    ref = other(inputs).logits_per_image
+    q = torch.randn(1, 2, 3, 4)
+    own_calls = []
+
+    def own_eager(module, query, key, value, attention_mask, **kw):  # e.g. Llama4's vision_eager_attention_forward
+        own_calls.append(module)
+        return value, None
+
+    module = torch.nn.Linear(1, 1)
+    sdpa_ref, _ = table["sdpa"](module, query=q, key=q, value=q, attention_mask=None)
+    with hooked.hooks({"lm.blocks.0.attn.pattern": lambda p, c: None}), \
+            tiny_lens("llava").hooks({"lm.blocks.0.attn.pattern": lambda p, c: None}):
+        torch.testing.assert_close(other(inputs).logits_per_image, ref, atol=0, rtol=0)
+        assert table.get_interface("eager", own_eager)(module, q, q, q, None)[0] is q and own_calls == [module]
+        out, _ = table["sdpa"](module, query=q, key=q, value=q, attention_mask=None)
+        torch.testing.assert_close(out, sdpa_ref, atol=0, rtol=0)
+    assert "get_interface" not in vars(table) and "sdpa" not in table._local_mapping
+
+
+def test_module_processor_is_tapped_and_restored(tiny_folder):
+    """Processors that are nn.Modules (IP-Adapter, custom diffusion) are swapped through set_processor."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class ModuleProcessor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = AttnProcessor2_0()
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    lens = mmlens.load(tiny_folder("sd"))
+    attn = lens.sites["unet.mid.attn.0.cross.pattern"].module
+    proc = ModuleProcessor()
+    attn.set_processor(proc)
+    _, cache = lens.generate("a red square", num_inference_steps=2, guidance_scale=1.0,
+                             names="unet.mid.attn.0.cross.pattern", **GEN)
+    p = cache.get("unet.mid.attn.0.cross.pattern", step=1)
+    torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5, rtol=0)
+    assert attn.processor is proc and attn._modules["processor"] is proc
+
+
+def test_a_forward_that_raised_leaves_no_stale_map(tiny_lens):
+    lens = tiny_lens("llava")
+    inputs = sample_inputs("llava", lens)
+    name = "lm.blocks.0.attn.pattern"
+
+    def boom(x, ctx):
+        raise RuntimeError("boom")
+
+    got = []
+    with lens.hooks({"lm.blocks.0.attn.out": boom}, captures={name: [lambda p, c: got.append(p)]}) as session:
+        with pytest.raises(RuntimeError, match="boom"):
+            lens(inputs)
+        session.fns.pop("lm.blocks.0.attn.out")  # the same block, now without the failing hook
+        lens(inputs)
+    ref = lens.run_with_cache(inputs, names=name)[1][name]
+    assert len(got) == 1 and got[0].shape == ref.shape
+    torch.testing.assert_close(got[0], ref, atol=0, rtol=0)
+
+
+def test_grad_through_a_map_also_selected_by_an_outer_session(tiny_lens):
+    lens = tiny_lens("llava")
+    inputs = sample_inputs("llava", lens)
+    name = "lm.blocks.1.attn.pattern"
+    with lens.hooks(captures={name: [lambda p, c: None]}, attn_rows=[-1]):
+        out, cache = lens.run_with_cache(inputs, names=name, grad=True)
+    (g,) = torch.autograd.grad(out.logits[:, -1].logsumexp(-1).sum(), cache[name])
+    assert g.shape == cache[name].shape and g.abs().sum() > 0

@@ -79,7 +79,8 @@ def test_stepcache_globs_and_unknown_names(sd_cache):
         _same(v, sd_cache[n])
     cond = sd_cache.get("unet.*", step=1, branch="cond")
     _same(cond["unet.out"], sd_cache.get("unet.out", step=1, branch="cond"))
-    assert sd_cache.stack("unet.*", branch="cond")["unet.out"].shape[0] == 3
+    stacked = sd_cache.stack("unet.ou*", branch="cond")  # names, then steps
+    assert stacked.shape[:2] == (1, 3) and torch.equal(stacked[0], sd_cache.stack("unet.out", branch="cond"))
     for call in (lambda: sd_cache["unet.ou"], lambda: sd_cache.get("unet.ou", step=0),
                  lambda: sd_cache.stack("unet.ou"), lambda: sd_cache.calls("unet.ou")):
         with pytest.raises(UnknownNameError, match=r"'unet\.ou'.*only the names asked for are recorded.*unet\.out"):

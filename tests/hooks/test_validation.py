@@ -224,8 +224,8 @@ def test_cache_device_must_be_usable(tiny_lens, device, match):
 
 
 def test_pixart_guidance_branches_through_lens_call(tiny_lens):
-    """PixArt keeps `do_classifier_free_guidance` in a local variable: lens(...) reads it from guidance_scale, and a
-    direct pipeline call inside hooks must say it (no guess)."""
+    """PixArt keeps `do_classifier_free_guidance` in a local variable: lens(...) reads it from guidance_scale; a
+    direct pipeline call gets branches None (unknown, no guess) unless lens.hooks(guidance=...) says it."""
     lens = tiny_lens("pixart")
     kw = dict(prompt="a red square", num_inference_steps=2, height=32, width=32, output_type="np",
               use_resolution_binning=False)
@@ -234,9 +234,9 @@ def test_pixart_guidance_branches_through_lens_call(tiny_lens):
         lens(**kw, guidance_scale=5.0)
         lens(**kw, guidance_scale=1.0)
     assert seen == [(("uncond", "cond"), 2)] * 2 + [(("cond",), 1)] * 2
-    with pytest.raises(ValueError, match="pass guidance=True/False to lens.hooks"):
-        with lens.hooks({"dit.blocks.0.resid_post": lambda x, ctx: None}):
-            lens.model(**kw, guidance_scale=5.0)
+    with lens.hooks({"dit.blocks.0.resid_post": lambda x, ctx: seen.append(ctx.branches)}):
+        lens.model(**kw, guidance_scale=5.0)  # a direct call: the pipeline does not say, so neither do we
+    assert seen[-1] is None
     with lens.hooks({"dit.blocks.0.resid_post": lambda x, ctx: seen.append(ctx.branches)}, guidance=True):
         lens.model(**kw, guidance_scale=5.0)
     assert seen[-1] == ("uncond", "cond")
@@ -275,14 +275,41 @@ def test_reading_patterns_with_grad_keeps_outputs_exact(tiny_lens):
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
 
 
-def test_guidance_said_in_hooks_wins_over_the_call(tiny_lens):
+def test_guidance_said_in_hooks_must_agree_with_the_call(tiny_lens):
     lens = tiny_lens("sd")
+    kw = dict(prompt="a red square", num_inference_steps=2, height=32, width=32, output_type="np")
+    with pytest.raises(ValueError, match=r"lens.hooks\(guidance=True\) but this call runs without"):
+        with lens.hooks({"unet.mid.out": lambda x, ctx: None}, guidance=True):
+            lens(**kw, guidance_scale=1.0)
     seen = []
-    with lens.hooks({"unet.mid.out": lambda x, ctx: seen.append(ctx.branches)}, guidance=True):
-        lens(prompt="a red square", num_inference_steps=2, guidance_scale=1.0, height=32, width=32, output_type="np")
-    assert seen == [("uncond", "cond")] * 2
+    with lens.hooks({"unet.mid.out": lambda x, ctx: seen.append((ctx.branches, x.shape[0]))}, guidance=True):
+        lens(**kw, guidance_scale=3.0)
+    assert seen == [(("uncond", "cond"), 2)] * 2
 
 
+def test_guidance_of_sessions_exited_out_of_order(tiny_lens):
+    """Each block's guidance= leaves with its block, whatever the order of exits."""
+    lens = tiny_lens("pixart")
+    kw = dict(prompt="a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+              use_resolution_binning=False, guidance_scale=1.0)
+    seen = []
+    a = lens.hooks({"dit.blocks.0.resid_post": lambda x, ctx: None}, guidance=True)
+    b = lens.hooks({"dit.blocks.0.resid_post": lambda x, ctx: seen.append(ctx.branches)}, guidance=False)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    lens.model(**kw)  # a direct call: only b's word says what the batch holds
+    b.__exit__(None, None, None)
+    assert seen == [("cond",)] * 2
+
+
+def test_numpy_steps(tiny_lens):
+    seen = []
+    tiny_lens("sd").generate("a red square", num_inference_steps=3, guidance_scale=1.0, steps=np.arange(1, 3),
+                             hooks={"unet.mid.out": lambda x, ctx: seen.append(ctx.step)}, progress=False, **GEN)
+    assert seen == [1, 2]
+    with pytest.raises(TypeError, match="steps must hold ints"):
+        tiny_lens("sd").generate("a red square", num_inference_steps=3, steps=[torch.tensor(1.0)], **GEN)
 def test_misspelt_keyword_of_hooks_is_named_with_its_correction(tiny_lens):
     with pytest.raises(TypeError, match="lens.hooks: unknown keyword argument 'attn_head'. Did you mean attn_heads"):
         tiny_lens("clip").hooks({"vision.blocks.0.resid_post": lambda x, c: None}, attn_head=[0]).__enter__()

@@ -3,10 +3,11 @@
 Transformers 5 runs SDPA by default and then returns no attention weights; diffusers never returns them.
 Both libraries hand q, k, v, the mask and the scale to one kernel function, so mmlens taps that call:
 
-* transformers: while any session needs it, `ALL_ATTENTION_FUNCTIONS` maps an implementation key (`sdpa`,
-  `eager`, ...) to one process-wide dispatcher. It looks the calling module up in a registry of handlers, so
-  modules nobody hooked (another model, another thread's model) pass straight through to the original kernel.
-  The entry is installed by the first session and removed by the last, restored by identity, under a lock.
+* transformers: while any session needs it, `ALL_ATTENTION_FUNCTIONS` hands out one process-wide dispatcher
+  per implementation (`sdpa`, flash, ...: their table entry; eager: through `get_interface`, around the eager
+  function the model itself passes). It looks the calling module up in a registry of handlers, so modules
+  nobody hooked (another model, another thread's model) run their own kernel unchanged. The table is a global:
+  its entry is installed by the first session and restored by identity by the last, under a lock.
 * diffusers: a hooked `Attention` module gets one tap processor that calls its original processor; while that
   call runs, a thread-local `TorchFunctionMode` observes `F.scaled_dot_product_attention` (no module global is
   swapped, so other threads and other pipelines never see it), and the classic `AttnProcessor`'s
@@ -22,7 +23,6 @@ the kernel's values and takes the gradient of `probs @ v`, so gradients reach th
 from __future__ import annotations
 
 import inspect
-import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -171,12 +171,7 @@ class PatternHandler:
                 resolve_index(self.rows, n_rows, device, "attn_rows", self.site.name))
 
     def select(self, weights: torch.Tensor) -> torch.Tensor:
-        hi, ri = self.indices(weights.shape[1], weights.shape[2], weights.device)
-        if hi is not None:
-            weights = weights[:, hi]
-        if ri is not None:
-            weights = weights[:, :, ri]
-        return weights
+        return _pick(weights, *self.indices(weights.shape[1], weights.shape[2], weights.device))
 
     def fire(self, probs: torch.Tensor) -> torch.Tensor | None:
         """Run the hooks on `probs`; return the edited probabilities, or None when nothing edited them."""
@@ -228,9 +223,9 @@ class ProbsFor:
         return self.fn(hi, ri)
 
 
-def _wants_graph(handlers: list[PatternHandler], q: Tensor) -> bool:
-    """With gradients on, the output is routed through the recorded probabilities so gradients reach them."""
-    return torch.is_grad_enabled() and q.requires_grad and not any(h.selective for h in handlers)
+def _wants_graph(q: Tensor) -> bool:
+    """With gradients on, the output is routed through the full recorded map so gradients reach it."""
+    return torch.is_grad_enabled() and q.requires_grad
 
 
 def _through(kernel_out: Tensor, pv: Tensor) -> Tensor:
@@ -250,102 +245,132 @@ def _apply(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
 
 
-def _eager_of(module) -> Callable:
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if fn is None:
-        raise NotImplementedError(
-            f"{type(module).__name__} defines no module-level eager_attention_forward; cannot tap its eager attention"
-        )
-    return fn
-
-
-def attn_key(module) -> str:
+def attn_impl(module) -> str:
+    """The attention implementation a transformers module dispatches on (`sdpa`, `eager`, ...)."""
     cfg = getattr(module, "config", None)
     return getattr(cfg, "_attn_implementation", None) or "eager"
 
 
+def _table():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS
+
+
 class _KernelTable:
-    """Process-wide registry: which transformers attention modules are tapped, by which handlers."""
+    """Process-wide registry: which transformers attention modules are tapped, by which handlers.
+
+    Non-eager implementations (`sdpa`, flash, ...) have an `ALL_ATTENTION_FUNCTIONS` entry, which holds a
+    dispatcher while any session taps a module using it. Eager has no entry: each model passes its own eager
+    function as `get_interface`'s default, so while eager modules are tapped the table's `get_interface` hands back
+    a dispatcher around that default. Both are installed by the first user and restored by identity by the last.
+    """
 
     def __init__(self):
         self.lock = threading.Lock()
         self.handlers: dict[torch.nn.Module, list[PatternHandler]] = {}
         self.users: dict[str, int] = {}
-        self.installed: dict[str, tuple[Callable, object]] = {}  # key -> (dispatcher, previous local entry)
+        self.installed: dict[str, tuple[Callable, object]] = {}  # impl -> (what mmlens installed, what it replaced)
+        self._eager: dict[Callable, Callable] = {}  # a model's eager function -> its dispatcher
 
     def add(self, module: torch.nn.Module, handler: PatternHandler) -> None:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as table
-
-        key = attn_key(module)
+        impl = attn_impl(module)
         with self.lock:
-            if self.users.get(key, 0) == 0:
-                prev = table._local_mapping.get(key, _MISSING)
-                base = None if prev is _MISSING else prev
-                if base is None and key != "eager":
-                    base = table._global_mapping.get(key)
-                    if base is None:
-                        raise NotImplementedError(f"attention implementation {key!r} is not registered in transformers")
-                dispatcher = self._dispatcher(key, base)
-                table._local_mapping[key] = dispatcher
-                self.installed[key] = (dispatcher, prev)
-            self.users[key] = self.users.get(key, 0) + 1
-            handler.kernel_key = key  # removal undoes exactly this, even if the model's implementation changes
+            if self.users.get(impl, 0) == 0:
+                self.installed[impl] = self._install_eager() if impl == "eager" else self._install(impl)
+            self.users[impl] = self.users.get(impl, 0) + 1
+            handler.kernel_key = impl  # removal undoes exactly this, even if the model's implementation changes
             self.handlers = {**self.handlers, module: [*self.handlers.get(module, []), handler]}  # copy-on-write
 
     def remove(self, module: torch.nn.Module, handler: PatternHandler) -> None:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as table
-
-        key = handler.kernel_key
+        impl, table = handler.kernel_key, _table()
         with self.lock:
             rest = [h for h in self.handlers.get(module, []) if h is not handler]
             self.handlers = {**{m: hs for m, hs in self.handlers.items() if m is not module}, **({module: rest} if rest else {})}
-            self.users[key] -= 1
-            if self.users[key] == 0:
-                dispatcher, prev = self.installed.pop(key)
-                if table._local_mapping.get(key) is dispatcher:  # someone replaced it since: leave theirs
-                    if prev is _MISSING:
-                        table._local_mapping.pop(key, None)
-                    else:
-                        table._local_mapping[key] = prev
+            self.users[impl] -= 1
+            if self.users[impl]:
+                return
+            installed, prev = self.installed.pop(impl)
+            if impl == "eager":
+                owner, name = table.__dict__, "get_interface"
+            else:
+                owner, name = table._local_mapping, impl
+            if owner.get(name) is installed:  # someone replaced it since: leave theirs
+                if prev is _MISSING:
+                    owner.pop(name, None)
+                else:
+                    owner[name] = prev
 
-    def _dispatcher(self, key: str, base: Callable | None):
+    def _install(self, impl: str) -> tuple[Callable, object]:
+        table = _table()
+        prev = table._local_mapping.get(impl, _MISSING)
+        base = table._global_mapping.get(impl) if prev is _MISSING else prev
+        if base is None:
+            raise NotImplementedError(f"attention implementation {impl!r} is not registered in transformers")
+        dispatcher = self.dispatcher(impl, base)
+        table._local_mapping[impl] = dispatcher
+        return dispatcher, prev
+
+    def _install_eager(self) -> tuple[Callable, object]:
+        table = _table()
+        prev = table.__dict__.get("get_interface", _MISSING)
+        original = table.get_interface
+
+        def get_interface(attn_implementation, default):
+            fn = original(attn_implementation, default)
+            if fn is not default or attn_implementation not in (None, "eager"):
+                return fn
+            if default not in self._eager:
+                self._eager[default] = self.dispatcher("eager", default)
+            return self._eager[default]
+
+        table.get_interface = get_interface
+        return get_interface, prev
+
+    def dispatcher(self, impl: str, kernel: Callable) -> Callable:
+        """The attention function for `impl`: modules without an active handler go straight to `kernel`."""
         registry = self
 
-        def mmlens_attention(module, query, key_states, value, attention_mask, *args, **kwargs):
-            kernel = base if base is not None else _eager_of(module)
+        def mmlens_attention(module, query, key, value, attention_mask, *args, **kwargs):
             handlers = [h for h in registry.handlers.get(module, ()) if h.enabled()]
             if not handlers:
-                return kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
-            nh, nq, dev = query.shape[1], query.shape[2], query.device
-            if key == "eager":
-                out, weights = kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
-                edited, _ = fire_handlers(handlers, ProbsFor(lambda hi, ri: _pick(weights, hi, ri), nh, nq, dev))
-                if edited is None:
-                    return out, weights
-            else:
-                bad = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
-                if bad:
-                    raise NotImplementedError(
-                        f"{handlers[0].site.name}: recomputing attention with {bad} is not supported under {key!r}; "
-                        "load the model with attn_implementation='eager'"
-                    )
-                is_causal = kwargs.get("is_causal")
-                is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-                causal = bool(is_causal) and attention_mask is None
-                scale = kwargs.get("scaling")
-                fn = lambda hi, ri: _probs(query, key_states, scale, attention_mask, causal, hi, ri)  # noqa: E731
-                edited, full = fire_handlers(handlers, ProbsFor(fn, nh, nq, dev))
-                if edited is None:
-                    out, weights = kernel(module, query, key_states, value, attention_mask, *args, **kwargs)
-                    if full is not None and _wants_graph(handlers, query):
-                        out = _through(out, _apply(full, value).transpose(1, 2))
-                    return out, weights
-            return _apply(edited, value).transpose(1, 2).contiguous(), edited
+                return kernel(module, query, key, value, attention_mask, *args, **kwargs)
+            return _tapped(impl, kernel, handlers, module, query, key, value, attention_mask, args, kwargs)
 
         return mmlens_attention
 
 
+def _tapped(impl, kernel, handlers, module, query, key, value, attention_mask, args, kwargs):
+    """One kernel call of a tapped module: probabilities to the handlers, edits back into the output."""
+    nh, nq, dev = query.shape[1], query.shape[2], query.device
+    if impl == "eager":
+        out, weights = kernel(module, query, key, value, attention_mask, *args, **kwargs)
+        edited, _ = fire_handlers(handlers, ProbsFor(lambda hi, ri: _pick(weights, hi, ri), nh, nq, dev))
+        if edited is None:
+            return out, weights
+    else:
+        bad = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+        if bad:
+            raise NotImplementedError(
+                f"{handlers[0].site.name}: recomputing attention with {bad} is not supported under {impl!r}; "
+                "load the model with attn_implementation='eager'"
+            )
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        causal = bool(is_causal) and attention_mask is None
+        scale = kwargs.get("scaling")
+        fn = lambda hi, ri: _probs(query, key, scale, attention_mask, causal, hi, ri)  # noqa: E731
+        edited, full = fire_handlers(handlers, ProbsFor(fn, nh, nq, dev))
+        if edited is None:
+            out, weights = kernel(module, query, key, value, attention_mask, *args, **kwargs)
+            if full is not None and _wants_graph(query):
+                out = _through(out, _apply(full, value).transpose(1, 2))
+            return out, weights
+    return _apply(edited, value).transpose(1, 2).contiguous(), edited
+
+
 def _pick(weights, hi, ri):
+    """Heads `hi`, then query rows `ri`, of a (b, h, nq, nk) map (None: all)."""
     if hi is not None:
         weights = weights[:, hi]
     if ri is not None:
@@ -370,7 +395,7 @@ class _ObserveSDPA(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         self.fired += 1
-        sig = inspect.signature(_sdpa_signature).bind(*args, **kwargs)
+        sig = _SDPA_SIGNATURE.bind(*args, **kwargs)
         sig.apply_defaults()
         a = sig.arguments
         q, k, v = a["query"], a["key"], a["value"]
@@ -378,12 +403,15 @@ class _ObserveSDPA(TorchFunctionMode):
         edited, full = fire_handlers(self.handlers, ProbsFor(fn, q.shape[1], q.shape[2], q.device))
         if edited is None:
             out = func(*args, **kwargs)
-            return _through(out, _apply(full, v)) if full is not None and _wants_graph(self.handlers, q) else out
+            return _through(out, _apply(full, v)) if full is not None and _wants_graph(q) else out
         return _apply(edited, v)
 
 
 def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
     """The argument names of F.scaled_dot_product_attention (a builtin without an inspectable signature)."""
+
+
+_SDPA_SIGNATURE = inspect.signature(_sdpa_signature)
 
 
 class _TapProcessor:
@@ -435,17 +463,29 @@ class _TapProcessor:
 _TAP_LOCK = threading.Lock()
 
 
+_TAP_CLASSES: dict[type, type] = {}
+
+
+def _tap_class(proc_type: type) -> type:
+    """A _TapProcessor subclass whose __call__ has the original's signature (diffusers filters kwargs by it)."""
+    cls = _TAP_CLASSES.get(proc_type)
+    if cls is None:
+        cls = type(f"Tapped{proc_type.__name__}", (_TapProcessor,), {})
+        call = lambda self, attn, *a, **k: _TapProcessor.__call__(self, attn, *a, **k)  # noqa: E731
+        call.__signature__ = inspect.signature(proc_type.__call__)
+        cls.__call__ = call
+        _TAP_CLASSES[proc_type] = cls
+    return cls
+
+
 def tap_module(module, handler: PatternHandler) -> None:
-    """Add `handler` to the module's tap processor, installing one (that keeps the original's signature) if needed."""
+    """Add `handler` to the module's tap processor, installing one if needed (through `set_processor`, which
+    also handles processors that are nn.Modules: IP-Adapter, custom diffusion)."""
     with _TAP_LOCK:
         tap = module.processor
         if not isinstance(tap, _TapProcessor):
-            cls = type(f"Tapped{type(tap).__name__}", (_TapProcessor,), {})
-            call = lambda self, attn, *a, **k: _TapProcessor.__call__(self, attn, *a, **k)  # noqa: E731
-            call.__signature__ = inspect.signature(type(tap).__call__)
-            cls.__call__ = call
-            tap = cls(module.processor)
-            module.processor = tap
+            tap = _tap_class(type(tap))(tap)
+            module.set_processor(tap)
         tap.handlers = [*tap.handlers, handler]  # copy-on-write: a running call keeps its list
         handler.tap = tap
 
@@ -456,7 +496,7 @@ def untap_module(module, handler: PatternHandler) -> None:
         tap = handler.tap
         tap.handlers = [h for h in tap.handlers if h is not handler]
         if not tap.handlers and module.processor is tap:
-            module.processor = tap.orig
+            module.set_processor(tap.orig)
 
 
 def is_diffusers_attention(module: torch.nn.Module) -> bool:

@@ -60,8 +60,8 @@ def check_steps(steps: Iterable[int] | None, arg: str, n_steps: int | None = Non
                         f"{steps!r:.60}")
     out = set()
     for s in steps:
-        if isinstance(s, bool) or not isinstance(s, int) and not (isinstance(s, torch.Tensor) and s.dim() == 0
-                                                                   and not s.is_floating_point()):
+        if isinstance(s, bool) or not hasattr(s, "__index__") or isinstance(s, torch.Tensor) and (
+                s.dim() or s.is_floating_point()):
             raise TypeError(f"{arg} must hold ints (denoising step indices); got {_describe(s)} {s!r:.60}")
         s = int(s)
         if n_steps is None:

@@ -61,12 +61,18 @@ class HookSession:
         return False
 
     def _remove(self) -> None:
-        for h in reversed(self._handles):
-            h.remove()
+        """Undo everything, each step even if an earlier one raised (the first error is raised at the end)."""
+        steps = [h.remove for h in reversed(self._handles)] + list(reversed(self._restore))
         self._handles.clear()
-        for undo in reversed(self._restore):
-            undo()
         self._restore.clear()
+        error = None
+        for undo in steps:
+            try:
+                undo()
+            except BaseException as e:  # noqa: BLE001  keep undoing; report the first failure
+                error = error or e
+        if error is not None:
+            raise error
 
     def _run_chain(self, site: Site, value: torch.Tensor) -> torch.Tensor | None:
         ctx = self.context(site)
@@ -125,6 +131,8 @@ class HookSession:
         else:
             KERNELS.add(module, handler)
             self._restore.append(lambda: KERNELS.remove(module, handler))
+        # a forward that raised after the kernel ran leaves its maps pending: every forward starts clean
+        self._handles.append(module.register_forward_pre_hook(lambda m, a: handler.pending.clear()))
         self._handles.append(module.register_forward_hook(self._flush_hook(handler)))
 
     def _flush_hook(self, handler: PatternHandler):

@@ -32,8 +32,8 @@ class StepCache(ActivationCache):
     Denoiser sites fire once per step; text-encoder sites once per prompt encoding (the pipeline encodes
     the prompt, then the negative prompt), never per step.
     `get(name, step=t, branch="cond")` returns one step and one guidance half; `stack(name, branch=...)`
-    stacks every recorded step along dim 0. A glob in `get`, `stack` or `cache[...]` gives a dict name ->
-    what that one name gives. `save` keeps the per-call metadata, so `load` gives back a StepCache.
+    stacks every recorded step along dim 0 (a glob: names, then steps). A glob in `get` or `cache[...]` gives a
+    dict name -> what that one name gives. `save` keeps the per-call metadata, so `load` gives back a StepCache.
     """
 
     format = "mmlens.StepCache"
@@ -76,17 +76,22 @@ class StepCache(ActivationCache):
             if not idxs:
                 raise KeyError(f"{name!r} has no value at step {step}; recorded steps: {[m.step for m in metas]}")
             idx = idxs[0]
-        value, branches = vals[idx], metas[idx].branches or ("cond",)
+        value, branches = vals[idx], metas[idx].branches
         if branch is None:
             return value
+        if branches is None:
+            raise ValueError(f"{name!r}: step {metas[idx].step} ran without mmlens knowing whether the batch holds "
+                             "[uncond, cond] halves (a direct pipeline call); call through lens(...) or "
+                             "lens.generate(...), or pass guidance= to lens.hooks()")
         if branch not in branches:
             raise KeyError(f"step {metas[idx].step} ran branches {branches}; asked for {branch!r}")
         return value.chunk(len(branches), dim=0)[branches.index(branch)]
 
-    def stack(self, name: str, branch: str | None = None):  # type: ignore[override]
-        """(recorded steps, ...) for one denoiser site; branch picks one guidance half."""
+    def stack(self, name: str, branch: str | None = None) -> torch.Tensor:  # type: ignore[override]
+        """(recorded steps, ...) for one denoiser site, (names, steps, ...) for a glob, as `ActivationCache.stack`
+        stacks names along dim 0; branch picks one guidance half."""
         if _is_glob(name):
-            return {n: self.stack(n, branch) for n in self._names(name)}
+            return torch.stack([self.stack(n, branch) for n in self._names(name)])
         (name,) = self._names(name)
         metas = self._meta.get(name)
         if not metas or metas[0].step is None:

@@ -1,5 +1,5 @@
-"""Per-model bookkeeping shared by every session on it: which thread may use it, and (diffusion) which
-denoising step is running. One instance per model, however many sessions nest or overlap."""
+"""Bookkeeping shared by every session: which thread may use a model (one guard per model object), and, for a
+diffusion Lens, which denoising step is running (one tracker per Lens, however many sessions nest or overlap)."""
 
 from __future__ import annotations
 
@@ -69,24 +69,25 @@ class StepTracker:
         self._users = 0
         self._handle = None
         self._marker: Any = None
-        self._said: list[bool | None] = []  # guidance= of lens.hooks() blocks: the user's word, innermost wins
-        self._seen: list[bool | None] = []  # guidance_scale > 1 of the pipeline calls mmlens makes
+        self._said: list[list] = []  # [guidance] of each open lens.hooks() block (removed by identity)
+        self._seen: list[list] = []  # [guidance_scale > 1] of each pipeline call mmlens is making
 
     @contextlib.contextmanager
     def track(self, guidance: bool | None, *, from_call: bool = False) -> Iterator[StepState]:
         """Count steps for the block. `guidance`: whether the denoiser batch holds [uncond, cond] halves, as the
-        user said (`lens.hooks(guidance=...)`, which wins) or as a call's guidance_scale implies (`from_call`)."""
+        user said (`lens.hooks(guidance=...)`) or as a call's guidance_scale implies (`from_call`); when both are
+        known and disagree, the denoiser's first call raises instead of labelling the batch wrongly."""
         if self._users == 0:
             module = getattr(self.pipeline, self.denoiser)
             self._handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
             self.restart()
         self._users += 1
-        stack = self._seen if from_call else self._said
-        stack.append(guidance)
+        stack, entry = (self._seen if from_call else self._said), [guidance]
+        stack.append(entry)
         try:
             yield self.state
         finally:
-            stack.pop()
+            stack[:] = [e for e in stack if e is not entry]  # blocks may exit in any order
             self._users -= 1
             if self._users == 0:
                 self._handle.remove()
@@ -103,14 +104,14 @@ class StepTracker:
         if marker is not self._marker:
             state.calls, self._marker = 0, marker
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        cfg = next((g for stack in (self._said, self._seen) for g in reversed(stack) if g is not None), None)
-        if cfg is None:
-            cfg = getattr(self.pipeline, "do_classifier_free_guidance", None)
-        if cfg is None:  # e.g. PixArt keeps it in a local variable: refuse to guess the batch's halves
-            raise ValueError(f"{type(self.pipeline).__name__} does not say whether it runs classifier-free guidance, so "
-                             "hooks cannot tell the [uncond, cond] halves apart: call it through lens(...) or "
-                             "lens.generate(...), or pass guidance=True/False to lens.hooks()")
+        said, seen = (next((e[0] for e in reversed(st) if e[0] is not None), None) for st in (self._said, self._seen))
+        if said is not None and seen is not None and said != seen:
+            raise ValueError(f"lens.hooks(guidance={said}) but this call runs {'with' if seen else 'without'} "
+                             "classifier-free guidance (its guidance_scale); drop guidance= or make them agree")
+        cfg = next((g for g in (said, seen, getattr(self.pipeline, "do_classifier_free_guidance", None))
+                    if g is not None), None)
         state.step = state.calls
         state.timestep = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else t
-        state.branches = BRANCHES_CFG if bool(cfg) else ("cond",)
+        # None: the pipeline does not say (PixArt keeps it in a local variable) and neither did the caller
+        state.branches = None if cfg is None else BRANCHES_CFG if cfg else ("cond",)
         state.calls += 1

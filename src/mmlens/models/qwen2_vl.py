@@ -29,7 +29,7 @@ class Qwen2VLAdapter(Adapter):
     def token_map(self, inputs: dict, processor=None) -> TokenMap:
         """Image j's tokens tile its merged grid (h / m, w / m) in raster order (t frames for video)."""
         m = self.model.config.vision_config.spatial_merge_size
-        thw = torch.as_tensor(inputs["image_grid_thw"]).tolist()
+        thw = [] if inputs.get("image_grid_thw") is None else torch.as_tensor(inputs["image_grid_thw"]).tolist()
         grids, counts, shapes = [], [], []
         for t, h, w in thw:
             gh, gw = h // m, w // m

@@ -20,8 +20,9 @@ def settle(case: Case, info: Info) -> None:
     a, plan, diff = case.args, case.plan, case.arch in DIFFUSION
     plan.cfg = case.variant == "cfg"
     plan.branches_cfg = plan.cfg
-    if "guidance" in a and a["guidance"].valid and not a["guidance"].omit:
-        plan.branches_cfg = bool(a["guidance"].spec)
+    said = a.get("guidance")
+    if said is not None and said.valid and not said.omit and bool(said.spec) != plan.cfg:
+        said.valid, said.culprits = False, ("guidance",)  # contradicts the call's guidance_scale: an error
     # names and hooks
     if "names" in a and a["names"].valid:
         plan.records = resolve_names(a["names"], info)
