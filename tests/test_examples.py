@@ -35,3 +35,11 @@ def test_attention_to_objects(capsys):
     assert result["n"] >= 8 and ratio.max() > 2.0
     assert ((result["asked"] > 0) & (result["asked"] < 1)).all()
     assert "block 1 attention from the answer" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("vlm" not in available(), reason="needs the shipped vlm organism")
+def test_logit_lens_example():
+    """The asked colour is top-1 at the answer from block 1 on; the object's patches decode its colour."""
+    result = runpy.run_path(str(EXAMPLES / "logit_lens.py"))["main"]()
+    assert [top[0] for top in result["top"][2:]] == [result["truth"]] * (len(result["top"]) - 2)
+    assert result["grid"].shape[1:] == (8, 8)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import organisms
+from .methods import joint_lens, logit_lens
 from .organisms.prompts import PROMPTS, answer_first_tokens, vlm_inputs
 from .viz.report import Report
 from .world import make_scene, single_object_scene
@@ -49,6 +50,9 @@ def _contrastive(report: Report, lens, quick: bool = False) -> object:
     side = int(pat.shape[-1] ** 0.5)
     report.figure(_fig([_grid_map(p, side) for p in pat], [f"CLS attention, block {last}"] * len(scenes)),
                   "where the CLS token looks in the last block")
+    labels = [PROMPTS.index(s.short_caption) for s in scenes]
+    joint_lens(lens, inputs).to_report(report, "joint lens: zero-shot accuracy of each image-tower block "
+                                               "projected into the joint space", labels=labels)
     return cache
 
 
@@ -64,7 +68,7 @@ def _generative(report: Report, lens, quick: bool = False) -> object:
     inputs = vlm_inputs(lens, [scene], [q])  # ends at the ':' where the answer is predicted; padding side restored
     tm = lens.token_map(inputs)
     _, cache = lens.run_with_cache(inputs, names=["lm.blocks.*.resid_post", "lm.blocks.*.attn.pattern"],
-                                   attn_rows={"lm.blocks.*.attn.pattern": [inputs["input_ids"].shape[1] - 1]})
+                                   attn_rows={"lm.blocks.*.attn.pattern": [-1]})
     img = tm.positions("image")
     keep = tm.row[0, img] >= 0
     maps, titles = [], []
@@ -73,6 +77,10 @@ def _generative(report: Report, lens, quick: bool = False) -> object:
         maps.append(_grid_map(att, int(tm.row.max()) + 1))
         titles.append(name.replace(".attn.pattern", ""))
     report.figure(_fig(maps, titles), f"last position of '{q}' attending to image patches (mean over heads)")
+    ll = logit_lens(lens, inputs, names=["lm.blocks.0.resid_pre", *lens.hook_points("lm.blocks.*.resid_post")])
+    ll.to_report(report, "logit lens: each layer's top token at every position (image tokens first)")
+    colour = next(a for q2, a, _ in qa if q2 == q)
+    report.figure(ll.plot_image(colour), f"logit lens: P('{colour}') at each image patch (the asked object is {colour})")
     return cache
 
 
