@@ -1,4 +1,5 @@
-"""What every organism's training shares: seeding, resumable checkpoints (safetensors only), progress."""
+"""The training loop every learned thing shares (organisms, tuned lenses, probes, SAEs): seeding, resumable
+checkpoints (safetensors only), warmup-cosine schedule, progress."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text
 
 
 def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

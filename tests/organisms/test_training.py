@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmlens.organisms.train import combine, cosine_lr, run_training
+from mmlens.train import combine, cosine_lr, run_training
 
 
 def _run(work, steps=10, stop_at=None):

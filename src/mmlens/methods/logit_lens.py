@@ -136,7 +136,13 @@ def logit_lens(lens, inputs, *, names: str | Sequence[str] = "lm.blocks.*.resid_
     of ints (negatives from the end, the same in every row) or a (batch, n) tensor. The last block's residual gives
     the model's own logits.
     """
-    require_family(lens, "generative", "logit_lens")
+    return read_out(lens, inputs, names, positions, "logit_lens")
+
+
+def read_out(lens, inputs, names, positions, technique: str, translate=None) -> LogitLensResult:
+    """The residuals `names` at `positions`, each optionally translated (`translate(k, resid)`, the tuned lens),
+    through `lens.unembed`: what the logit lens and the tuned lens share."""
+    require_family(lens, "generative", technique)
     resolved = lens.resolve(names)
     _, cache = lens.run_with_cache(inputs, names=resolved)
     tm = lens.token_map(inputs)
@@ -144,17 +150,19 @@ def logit_lens(lens, inputs, *, names: str | Sequence[str] = "lm.blocks.*.resid_
     pos = _positions(tm, positions, seq, batch)
     rows = torch.arange(batch)[:, None]
     logits = []
-    for name in resolved:
+    for k, name in enumerate(resolved):
         resid = cache[name]
         if resid.dim() != 3 or resid.shape[:2] != (batch, seq):
-            raise ValueError(f"{name}: logit_lens reads (batch, seq, d_model) residual streams; got {tuple(resid.shape)}")
-        logits.append(lens.unembed(resid[rows, pos.to(resid.device)]).float().cpu())
+            raise ValueError(f"{name}: {technique} reads (batch, seq, d_model) residual streams; got {tuple(resid.shape)}")
+        h = resid[rows, pos.to(resid.device)]
+        logits.append(lens.unembed(h if translate is None else translate(k, h)).float().cpu())
     tok = getattr(lens.processor, "tokenizer", lens.processor)
     vocab = tok.convert_ids_to_tokens(list(range(logits[0].shape[-1]))) if hasattr(tok, "convert_ids_to_tokens") else []
     vocab = [v if v is not None else "" for v in vocab]
-    return LogitLensResult(meta=provenance(lens, resolved), names=resolved, positions=pos, logits=torch.stack(logits),
-                           row=tm.row[rows, pos], col=tm.col[rows, pos], image=tm.image[rows, pos],
-                           grids=[list(g) for g in tm.grids], vocab=vocab)
+    return LogitLensResult(meta=provenance(lens, resolved, lens_kind="tuned" if translate else "logit"),
+                           names=resolved, positions=pos, logits=torch.stack(logits), row=tm.row[rows, pos],
+                           col=tm.col[rows, pos], image=tm.image[rows, pos], grids=[list(g) for g in tm.grids],
+                           vocab=vocab)
 
 
 @dataclass(repr=False)

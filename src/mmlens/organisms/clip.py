@@ -10,7 +10,7 @@ import torch
 
 from .data import single_object_pool, to_pixels
 from .prompts import PROMPTS  # the 24 classes 'a {colour} {shape}' (also importable from here)
-from .train import run_training
+from ..train import run_training
 from .vocab import world_tokenizer
 
 IMAGE, PATCH = 48, 6

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .data import single_object_pool, to_pixels
 from .prompts import PROMPTS  # the 24 prompts 'a {colour} {shape}' (also importable from here)
-from .train import combine, run_training
+from ..train import combine, run_training
 
 IMAGE = 32
 LATENT_CHANNELS = 4

@@ -29,7 +29,7 @@ import torch
 from .clip import IMAGE, PATCH, image_processor
 from .data import scene_pool, to_pixels
 from .prompts import TURN  # prompts.PROMPT is "<image> " + TURN: the inference prompt is the first training turn
-from .train import combine, run_training
+from ..train import combine, run_training
 from .vocab import world_tokenizer
 
 N_IMAGE_TOKENS = (IMAGE // PATCH) ** 2 + 1  # "full" strategy keeps CLS

@@ -1,0 +1,188 @@
+"""Tuned lens (Belrose et al. 2023): the logit lens with a learned affine translator per layer, trained so each
+layer's translated residual, read through the model's own final norm and unembedding, matches the model's final
+next-token distribution (KL). Where the logit lens misreads a layer whose basis has not yet settled, the tuned lens
+reads what that layer already knows.
+
+    tl = TunedLens(steps=300).fit(vlm, batches)      # batches: processor outputs (a list, reused every epoch)
+    res = tl.transform(vlm, inputs, positions="answer")   # a LogitLensResult, as logit_lens gives
+    tl.save("out/tuned"); TunedLens.load("out/tuned")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..io import CONFIG_FILE, WEIGHTS_FILE, atomic_path, atomic_write_text
+from .logit_lens import LogitLensResult, read_out
+from .result import require_family
+
+
+@dataclasses.dataclass
+class TunedLensConfig:
+    """Hyperparameters, stored as given (scikit-learn style); `fit` validates them."""
+
+    names: str | list[str] = "lm.blocks.*.resid_post"
+    steps: int = 300
+    lr: float = 1e-3
+    warmup: int = 20
+    batch_tokens: int = 512
+    seed: int = 0
+
+
+class TunedLens:
+    """Estimator: `fit(lens, batches)` learns `translators_` (one `nn.Linear(d, d)` per name, initialised to the
+    identity); the model's last block keeps the identity (its residual is the model's output). Fitted attributes
+    end in `_`."""
+
+    def __init__(self, names: str | Sequence[str] = "lm.blocks.*.resid_post", *, steps: int = 300, lr: float = 1e-3,
+                 warmup: int = 20, batch_tokens: int = 512, seed: int = 0):
+        self.config = TunedLensConfig(names if isinstance(names, str) else list(names), steps, lr, warmup,
+                                      batch_tokens, seed)
+
+    # ------------------------------------------------------------------------------------------------- fit
+    def fit(self, lens, batches: Sequence[dict], *, work: str | os.PathLike | None = None) -> TunedLens:
+        """Train on every non-padding position of `batches` (processor outputs). `work`: a folder for resumable
+        checkpoints (a rerun continues where an interrupted one stopped)."""
+        require_family(lens, "generative", "TunedLens.fit")
+        cfg = self.config
+        if not isinstance(cfg.steps, int) or cfg.steps < 1 or cfg.batch_tokens < 1 or cfg.lr <= 0:
+            raise ValueError(f"TunedLens: steps and batch_tokens must be positive ints and lr > 0; got {cfg}")
+        if not batches:
+            raise ValueError("TunedLens.fit needs at least one batch of processor outputs")
+        names = lens.resolve(cfg.names)
+        hidden, target = _collect(lens, names, batches)  # (layers, tokens, d), (tokens, vocab) log-probs
+        last = lens.hook_points("lm.blocks.*.resid_post")[-1]
+        trainable = [n != last for n in names]
+        translators = _identity_translators(len(names), hidden.shape[-1])
+        heads = _FrozenHeads(lens)
+        from ..train import run_training
+
+        def step_fn(step: int) -> Tensor:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            idx = torch.randint(0, hidden.shape[1], (cfg.batch_tokens,), generator=g)
+            losses = [_kl(lens.unembed(t(hidden[k, idx])), target[idx])
+                      for k, (t, train) in enumerate(zip(translators, trainable)) if train]
+            return torch.stack(losses).sum() if losses else hidden.new_zeros((), requires_grad=True)
+
+        params = [p for t, train in zip(translators, trainable) if train for p in t.parameters()]
+        with heads, tempfile.TemporaryDirectory() as tmp:
+            stats = run_training(name="tuned-lens", model=translators, params=params, steps=cfg.steps, lr=cfg.lr,
+                                 warmup=cfg.warmup, seed=cfg.seed, work=work or tmp, step_fn=step_fn,
+                                 every=max(1, cfg.steps // 4), weight_decay=0.0)
+        self.names_, self.translators_, self.training_ = names, translators.requires_grad_(False), stats
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "translators_"):
+            raise RuntimeError("this TunedLens is not fitted: call fit(lens, batches) or TunedLens.load(folder)")
+
+    # ------------------------------------------------------------------------------------------- transform
+    @torch.no_grad()
+    def transform(self, lens, inputs, *, positions=None) -> LogitLensResult:
+        """The tuned lens's logits (layers, batch, positions, vocab), as `logit_lens` returns them."""
+        self._check_fitted()
+
+        def translate(k: int, h: Tensor) -> Tensor:
+            t = self.translators_[k]
+            return t(h.to(t.weight.device, t.weight.dtype))
+
+        return read_out(lens, inputs, self.names_, positions, "TunedLens.transform", translate)
+
+    # ----------------------------------------------------------------------------------------- persistence
+    def save(self, folder: str | os.PathLike) -> Path:
+        """`cfg.json` (config, names, training stats) and `weights.safetensors`, each written atomically."""
+        from safetensors.torch import save_file
+
+        self._check_fitted()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in self.translators_.state_dict().items()}, str(tmp))
+        doc = {"estimator": "TunedLens", "config": dataclasses.asdict(self.config), "names": self.names_,
+               "training": self.training_}
+        atomic_write_text(folder / CONFIG_FILE, json.dumps(doc, indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> TunedLens:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        doc = json.loads((folder / CONFIG_FILE).read_text())
+        if doc.get("estimator") != "TunedLens":
+            raise ValueError(f"{folder / CONFIG_FILE} holds a {doc.get('estimator')!r}, not a TunedLens")
+        unknown = set(doc["config"]) - {f.name for f in dataclasses.fields(TunedLensConfig)}
+        if unknown:
+            raise ValueError(f"{folder / CONFIG_FILE}: unknown config keys {sorted(unknown)} (saved by another version?)")
+        cfg = TunedLensConfig(**doc["config"])
+        self = cls(cfg.names, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, batch_tokens=cfg.batch_tokens,
+                   seed=cfg.seed)
+        weights = load_file(str(folder / WEIGHTS_FILE))
+        d = weights["0.weight"].shape[0]
+        self.translators_ = _identity_translators(len(doc["names"]), d)
+        self.translators_.load_state_dict(weights)
+        self.translators_.requires_grad_(False)
+        self.names_, self.training_ = doc["names"], doc["training"]
+        return self
+
+
+def _identity_translators(n: int, d: int) -> nn.ModuleList:
+    mods = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+    with torch.no_grad():
+        for m in mods:
+            m.weight.copy_(torch.eye(d))
+            m.bias.zero_()
+    return mods
+
+
+@torch.no_grad()
+def _collect(lens, names: list[str], batches: Sequence[dict]) -> tuple[Tensor, Tensor]:
+    """Residuals of every layer and the model's final log-probs at every non-padding position (on CPU, float32)."""
+    hidden, target = [], []
+    for inputs in batches:
+        out, cache = lens.run_with_cache(inputs, names=names, cache_device="cpu", cache_dtype=torch.float32)
+        mask = inputs.get("attention_mask")
+        keep = (mask != 0) if mask is not None else torch.ones(out.logits.shape[:2], dtype=torch.bool)
+        keep = keep.cpu()
+        hidden.append(torch.stack([cache[n][keep] for n in names]))
+        target.append(out.logits.float().cpu()[keep].log_softmax(-1))
+    return torch.cat(hidden, dim=1), torch.cat(target)
+
+
+def _kl(logits: Tensor, target_logp: Tensor) -> Tensor:
+    """KL(model's final distribution || lens distribution), mean over tokens."""
+    logp = logits.float().log_softmax(-1)
+    return (target_logp.exp() * (target_logp - logp.to(target_logp.device))).sum(-1).mean()
+
+
+class _FrozenHeads:
+    """The unembedding path's parameters take no gradient while translators train (and are left as they were)."""
+
+    def __init__(self, lens):
+        self.params = [p for path in lens.adapter.unembed_paths for p in _params(lens.model, path)]
+
+    def __enter__(self):
+        self.saved = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p, r in zip(self.params, self.saved):
+            p.requires_grad_(r)
+        return False
+
+
+def _params(model: nn.Module, path: str) -> list[nn.Parameter]:
+    from ..models.base import has
+
+    path = path.rstrip("?")
+    return list(model.get_submodule(path).parameters()) if has(model, path) else []
