@@ -43,3 +43,14 @@ def test_logit_lens_example():
     result = runpy.run_path(str(EXAMPLES / "logit_lens.py"))["main"]()
     assert [top[0] for top in result["top"][2:]] == [result["truth"]] * (len(result["top"]) - 2)
     assert result["grid"].shape[1:] == (8, 8)
+
+
+@pytest.mark.skipif("clip" not in available(), reason="needs the shipped clip organism")
+def test_direct_effects_example(capsys):
+    """The direct terms rebuild the model's image embedding; attention carries more of it than the MLPs do."""
+    result = runpy.run_path(str(EXAMPLES / "direct_effects.py"))["main"](n=24)
+    assert result["gap"] < 1e-4
+    assert abs(float(result["share"].sum()) - 1) < 1e-4
+    acc = result["accuracy"]
+    assert acc["none"] >= 0.9 and acc["attn"] < acc["mlp"]
+    assert "share of the true class's logit" in capsys.readouterr().out

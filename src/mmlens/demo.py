@@ -53,6 +53,10 @@ def _contrastive(report: Report, lens, quick: bool = False) -> object:
     labels = [PROMPTS.index(s.short_caption) for s in scenes]
     joint_lens(lens, inputs).to_report(report, "joint lens: zero-shot accuracy of each image-tower block "
                                                "projected into the joint space", labels=labels)
+    from .methods import direct_effects  # TextSpan: each head's and MLP's direct share of the true class's logit
+
+    direct_effects(lens, inputs).to_report(report, "direct effects: each block's attention and MLP share of the "
+                                           "true class's logit (TextSpan)", text_embeds=out.text_embeds, labels=labels)
     return cache
 
 
