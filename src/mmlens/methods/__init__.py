@@ -6,12 +6,13 @@ and `direct_logit_attribution`. Every result saves, loads, plots and renders in 
 never `world`, `organisms` or `testing`: the scoring in `benchmarks/groundtruth.py` imports methods, not the reverse.
 """
 
+from .diffusion_lens import DiffusionLensResult, diffusion_lens
 from .direct_effects import DirectEffectsResult, DirectLogitResult, direct_effects, direct_logit_attribution
 from .logit_lens import JointLensResult, LogitLensResult, joint_lens, logit_lens
 from .probes import LinearProbe, LinearProbeConfig, ProbeSweepResult, probe_features, probe_sweep
 from .result import Result, provenance
 from .tuned_lens import TunedLens, TunedLensConfig
 
-__all__ = ["DirectEffectsResult", "DirectLogitResult", "JointLensResult", "LinearProbe", "LinearProbeConfig",
+__all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "JointLensResult", "LinearProbe", "LinearProbeConfig",
            "LogitLensResult", "ProbeSweepResult", "Result", "TunedLens", "TunedLensConfig", "direct_effects",
-           "direct_logit_attribution", "joint_lens", "logit_lens", "probe_features", "probe_sweep", "provenance"]
+           "diffusion_lens", "direct_logit_attribution", "joint_lens", "logit_lens", "probe_features", "probe_sweep", "provenance"]
