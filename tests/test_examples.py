@@ -54,3 +54,18 @@ def test_direct_effects_example(capsys):
     acc = result["accuracy"]
     assert acc["none"] >= 0.9 and acc["attn"] < acc["mlp"]
     assert "share of the true class's logit" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("vlm" not in available(), reason="needs the shipped vlm organism")
+def test_tuned_lens_example():
+    result = runpy.run_path(str(EXAMPLES / "tuned_lens.py"))["main"](n_train=32, steps=80)
+    assert (result["tuned"][:-1] < result["logit"][:-1]).all()  # below the logit lens at every layer but the last
+    assert abs(float(result["tuned"][-1] - result["logit"][-1])) < 1e-6
+
+
+@pytest.mark.skipif("diffusion" not in available(), reason="needs the shipped diffusion organism")
+def test_diffusion_lens_example():
+    result = runpy.run_path(str(EXAMPLES / "diffusion_lens.py"))["main"](steps=10)
+    ok = result["colour_ok"]
+    assert ok["text_encoder.blocks.1.resid_post"] >= 0.75 and ok["text_encoder.blocks.0.resid_post"] >= 0.75
+    assert result["result"].images.shape[:2] == (3, 4)

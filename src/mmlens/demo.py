@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import organisms
-from .methods import joint_lens, logit_lens
+from .methods import TunedLens, diffusion_lens, joint_lens, logit_lens
 from .organisms.prompts import PROMPTS, answer_first_tokens, vlm_inputs
 from .viz.report import Report
 from .world import make_scene, single_object_scene
@@ -85,6 +85,12 @@ def _generative(report: Report, lens, quick: bool = False) -> object:
     ll.to_report(report, "logit lens: each layer's top token at every position (image tokens first)")
     colour = next(a for q2, a, _ in qa if q2 == q)
     report.figure(ll.plot_image(colour), f"logit lens: P('{colour}') at each image patch (the asked object is {colour})")
+    train = [make_scene(10_000_200 + k, background=None) for k in range(16 if quick else 48)]
+    batches = [vlm_inputs(lens, train[i:i + 16], ["how many objects are there ?"] * len(train[i:i + 16]))
+               for i in range(0, len(train), 16)]
+    tuned = TunedLens(steps=40 if quick else 120, batch_tokens=256).fit(lens, batches)
+    tuned.transform(lens, inputs).to_report(report, "tuned lens (translators fit on other scenes): top token per "
+                                                    "layer and position")
     return cache
 
 
@@ -113,6 +119,9 @@ def _diffusion(report: Report, lens, quick: bool = False) -> object:
             titles.append(f"{p}: '{w}'")
     report.figure(_fig(maps, titles), f"{name} per prompt word, last step, cond branch (DAAM-style)")
     report.table([{"step": s, "timestep": round(t, 1)} for s, t in cache.timesteps.items()], max_rows=6)
+    dl = diffusion_lens(lens, prompts, num_inference_steps=4 if quick else 12, guidance_scale=1.5, height=size,
+                        width=size, generator=torch.Generator().manual_seed(0))
+    dl.to_report(report, "diffusion lens: the same prompts generated from each text-encoder layer")
     return cache
 
 
