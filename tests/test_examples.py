@@ -69,3 +69,12 @@ def test_diffusion_lens_example():
     ok = result["colour_ok"]
     assert ok["text_encoder.blocks.1.resid_post"] >= 0.75 and ok["text_encoder.blocks.0.resid_post"] >= 0.75
     assert result["result"].images.shape[:2] == (3, 4)
+
+
+@pytest.mark.skipif("clip" not in available(), reason="needs the shipped clip organism")
+def test_probes_and_neurons_example():
+    result = runpy.run_path(str(EXAMPLES / "probes_and_neurons.py"))["main"](n=120)
+    sweep = result["sweep"]
+    assert sweep.score[-1] >= 0.9 and sweep.control[-1] < 0.4  # colour is in the last layer, shuffled labels are not
+    assert sweep.score[0] < 0.5  # the patch embeddings' class token carries no colour yet
+    assert result["top"].values.shape == (1, 1, 4)
