@@ -315,7 +315,7 @@ def score_direct_effects(n: int = 240) -> list[dict]:
     ]
 
 
-def object_mask(image) -> "np.ndarray":
+def object_mask(image):
     """(H, W) bool: the object pixels of an (H, W, 3) image (uint8, or floats in [0, 1]), found as the world's pixel
     judge finds objects (`world.judge.detect`: saturated pixels, 4-connected components above its size floor) and
     united. Generated images come with no mask; this is the label the pixel probe is scored against."""
@@ -436,8 +436,9 @@ def score_neurons(n_rank: int = 160, n_eval: int = 240, top_n: int = 20) -> list
              source=src + "; reported: 0 = no drop (zero-shot accuracy is saturated on single objects)"),
         line("neurons", "clip", "max_other_colour_accuracy_drop", others["top"], drop["top"]["red"], False, n=n_eval,
              source=src + "; bar = red's own drop: no other colour may lose more"),
-        line("neurons", "clip", "red_acc_drop_minus_max_other_drop", drop["top"]["red"] - others["top"], 0.0,
-             n=n_eval, accuracy=per, source=src + "; 0 = red loses at least as much as every other colour"),
+        line("neurons", "clip", "red_acc_drop_minus_max_other_drop", drop["top"]["red"] - others["top"], 0.01,
+             n=n_eval, accuracy=per, source=src + "; the finding needs red to lose accuracy (>= 1 point) more than "
+             "every other colour; 0 (no drop anywhere) does not show it"),
         line("neurons", "clip", "red_margin_rel_drop_minus_max_other", mdrop["top"]["red"] - mothers["top"], 0.0,
              n=n_eval, margin_rel_drop=r(mdrop["top"]), source=src + "; relative drop of each colour's own-colour "
              "logit margin (continuous, where accuracy saturates); 0 = red's is the largest (the finding)"),

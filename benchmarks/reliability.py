@@ -41,7 +41,6 @@ import gc
 import json
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time

@@ -6,7 +6,6 @@ the neurons most responsible for "red": where they fire on the image, and what a
 
 from __future__ import annotations
 
-import torch
 
 import mmlens.organisms as organisms
 from mmlens.methods import ablate_neurons, neuron_attribution, probe_features, probe_sweep, top_activating

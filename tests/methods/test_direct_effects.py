@@ -30,7 +30,7 @@ def test_terms_sum_to_image_features_and_logits(tiny_lens, name):
     n_heads, n_layers = m.config.vision_config.num_attention_heads, m.config.vision_config.num_hidden_layers
     assert sum(".head" in lb for lb in res.labels) == n_heads * n_layers
     names, groups = res.by_layer()
-    assert names[0] == "embed" and f"blocks.{n_layers - 1}.attn" in names and f"blocks.0.mlp" in names
+    assert names[0] == "embed" and f"blocks.{n_layers - 1}.attn" in names and "blocks.0.mlp" in names
     torch.testing.assert_close(groups.sum(1), res.total())
     out = m(**inputs)  # scores: the model's logits, less SigLIP's bias
     torch.testing.assert_close(res.scores(out.text_embeds).sum(1) + res.logit_bias, out.logits_per_image,

@@ -18,7 +18,6 @@ Diffusion models, one sample per pixel (Chen et al. 2023: UNet activations linea
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..io import CONFIG_FILE, WEIGHTS_FILE, atomic_path, atomic_write_text
+from .estimator import load_estimator, save_estimator
 from .result import Result, provenance
 
 TASKS = ("classification", "regression")
@@ -119,30 +118,16 @@ class LinearProbe:
         return 1 - ss_res / ss_tot.clamp(min=1e-12)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-
         self._check_fitted()
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {"weight_": self.weight_, "bias_": self.bias_, "mean_": self.mean_, "std_": self.std_}
         if self.classes_ is not None:
             tensors["classes_"] = self.classes_
-        with atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        atomic_write_text(folder / CONFIG_FILE, json.dumps({"estimator": "LinearProbe",
-                                                            "config": dataclasses.asdict(self.config)}))
-        return folder
+        return save_estimator(folder, "LinearProbe", self.config, tensors)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> LinearProbe:
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        doc = json.loads((folder / CONFIG_FILE).read_text())
-        if doc.get("estimator") != "LinearProbe":
-            raise ValueError(f"{folder / CONFIG_FILE} holds a {doc.get('estimator')!r}, not a LinearProbe")
-        self = cls(**doc["config"])
-        t = load_file(str(folder / WEIGHTS_FILE))
+        cfg, t, _ = load_estimator(folder, "LinearProbe", LinearProbeConfig)
+        self = cls(**dataclasses.asdict(cfg))
         self.weight_, self.bias_, self.mean_, self.std_ = t["weight_"], t["bias_"], t["mean_"], t["std_"]
         self.classes_ = t.get("classes_")
         return self

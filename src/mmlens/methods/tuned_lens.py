@@ -11,7 +11,6 @@ reads what that layer already knows.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io import CONFIG_FILE, WEIGHTS_FILE, atomic_path, atomic_write_text
+from .estimator import load_estimator, save_estimator
 from .logit_lens import LogitLensResult, read_out
 from .result import require_family
 
@@ -99,35 +98,16 @@ class TunedLens:
     # ----------------------------------------------------------------------------------------- persistence
     def save(self, folder: str | os.PathLike) -> Path:
         """`cfg.json` (config, names, training stats) and `weights.safetensors`, each written atomically."""
-        from safetensors.torch import save_file
-
         self._check_fitted()
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in self.translators_.state_dict().items()}, str(tmp))
-        doc = {"estimator": "TunedLens", "config": dataclasses.asdict(self.config), "names": self.names_,
-               "training": self.training_}
-        atomic_write_text(folder / CONFIG_FILE, json.dumps(doc, indent=1))
-        return folder
+        return save_estimator(folder, "TunedLens", self.config, self.translators_.state_dict(), names=self.names_,
+                              training=self.training_)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> TunedLens:
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        doc = json.loads((folder / CONFIG_FILE).read_text())
-        if doc.get("estimator") != "TunedLens":
-            raise ValueError(f"{folder / CONFIG_FILE} holds a {doc.get('estimator')!r}, not a TunedLens")
-        unknown = set(doc["config"]) - {f.name for f in dataclasses.fields(TunedLensConfig)}
-        if unknown:
-            raise ValueError(f"{folder / CONFIG_FILE}: unknown config keys {sorted(unknown)} (saved by another version?)")
-        cfg = TunedLensConfig(**doc["config"])
+        cfg, weights, doc = load_estimator(folder, "TunedLens", TunedLensConfig)
         self = cls(cfg.names, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, batch_tokens=cfg.batch_tokens,
                    seed=cfg.seed)
-        weights = load_file(str(folder / WEIGHTS_FILE))
-        d = weights["0.weight"].shape[0]
-        self.translators_ = _identity_translators(len(doc["names"]), d)
+        self.translators_ = _identity_translators(len(doc["names"]), weights["0.weight"].shape[0])
         self.translators_.load_state_dict(weights)
         self.translators_.requires_grad_(False)
         self.names_, self.training_ = doc["names"], doc["training"]
