@@ -315,21 +315,6 @@ def score_direct_effects(n: int = 240) -> list[dict]:
     ]
 
 
-def object_mask(image):
-    """(H, W) bool: the object pixels of an (H, W, 3) image (uint8, or floats in [0, 1]), found as the world's pixel
-    judge finds objects (`world.judge.detect`: saturated pixels, 4-connected components above its size floor) and
-    united. Generated images come with no mask; this is the label the pixel probe is scored against."""
-    import numpy as np
-
-    from mmlens.world.judge import detect
-
-    img = np.asarray(image)
-    mask = np.zeros(img.shape[:2], dtype=bool)
-    for d in detect(img):
-        mask |= d.mask
-    return mask
-
-
 def score_pixel_probe(per_prompt: int = 2, n_steps: int = 20, record=(2, 10, 18)) -> list[dict]:
     """diffusion: a per-pixel logistic probe of the object mask (from `object_mask` of each generated image) on UNet
     blocks at an early, a middle and a late DDIM step; fit on 2/3 of the images (every other pixel row and column),
@@ -337,6 +322,7 @@ def score_pixel_probe(per_prompt: int = 2, n_steps: int = 20, record=(2, 10, 18)
     import mmlens.organisms as organisms
     from mmlens.methods.probes import diffusion_probe_features, pixel_probe
     from mmlens.organisms.prompts import PROMPTS
+    from mmlens.world.judge import object_mask
 
     lens = organisms.load("diffusion")
     names = ["unet.down.0.out", "unet.down.1.out", "unet.mid.out", "unet.up.0.out", "unet.up.1.out"]

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 
 from . import organisms
-from .methods import TunedLens, diffusion_lens, joint_lens, logit_lens
+from .methods import (TunedLens, diffusion_lens, diffusion_probe_features, joint_lens, logit_lens, neuron_attribution,
+                      pixel_probe, probe_features, probe_sweep, top_activating)
 from .organisms.prompts import PROMPTS, answer_first_tokens, vlm_inputs
 from .viz.report import Report
 from .world import make_scene, single_object_scene
+from .world.judge import object_mask
 
 FAMILIES = {"contrastive": "clip", "generative": "vlm", "diffusion": "diffusion"}  # family -> organism
 
@@ -57,7 +59,30 @@ def _contrastive(report: Report, lens, quick: bool = False) -> object:
 
     direct_effects(lens, inputs).to_report(report, "direct effects: each block's attention and MLP share of the "
                                            "true class's logit (TextSpan)", text_embeds=out.text_embeds, labels=labels)
+    _probes_and_neurons(report, lens, 48 if quick else 144)
     return cache
+
+
+def _probes_and_neurons(report: Report, lens, n: int) -> None:
+    """Colour from the class token per layer (linear probes with a control), and the most 'red' neuron's patches."""
+    backgrounds = ["plain", "stripes", "checker", "dots"]
+    scenes = [single_object_scene(10_000_600 + k, background=backgrounds[k % 4]) for k in range(n)]
+    batches = [lens.processor(text=PROMPTS, images=[s.pil() for s in scenes[i:i + 48]], return_tensors="pt",
+                              padding=True) for i in range(0, n, 48)]
+    names = ["vision.embed", *lens.hook_points("vision.blocks.*.resid_post")]
+    colours = sorted({s.objects[0].colour for s in scenes})
+    labels = [colours.index(s.objects[0].colour) for s in scenes]
+    X = probe_features(lens, batches, names=names, positions="cls")
+    probe_sweep(X, labels, train=0.75, names=names, lens=lens).to_report(
+        report, "linear probes: the object's colour from the class token, per layer (held-out; control: shuffled labels)")
+    red = [i for i, s in enumerate(scenes[:48]) if s.objects[0].colour == "red"]
+    red_prompts = [j for j, p in enumerate(PROMPTS) if p.split()[1] == "red"]
+    inputs = {k: (v[red] if k == "pixel_values" else v) for k, v in batches[0].items()}
+    attr = neuron_attribution(lens, inputs, lambda out: out.logits_per_image[:, red_prompts].sum())
+    layer, neuron = divmod(int(attr.scores.mean(1).flatten().argmax()), attr.scores.shape[-1])
+    top = top_activating(lens, batches, names=attr.names[layer], neurons=[neuron], k=8, positions="patches",
+                         progress=False)
+    top.to_report(report, f"the most 'red' neuron by attribution, {attr.names[layer]}[{neuron}]: its top patches")
 
 
 def _generative(report: Report, lens, quick: bool = False) -> object:
@@ -122,6 +147,12 @@ def _diffusion(report: Report, lens, quick: bool = False) -> object:
     dl = diffusion_lens(lens, prompts, num_inference_steps=4 if quick else 12, guidance_scale=1.5, height=size,
                         width=size, generator=torch.Generator().manual_seed(0))
     dl.to_report(report, "diffusion lens: the same prompts generated from each text-encoder layer")
+    feats = diffusion_probe_features(lens, PROMPTS[:8 if quick else 24], names=["unet.mid.out", "unet.up.1.out"],
+                                     steps=[-1], num_inference_steps=4 if quick else 12, guidance_scale=1.5,
+                                     height=size, width=size, generator=torch.Generator().manual_seed(1))
+    masks = torch.stack([torch.from_numpy(object_mask(im)) for im in feats.images])
+    pixel_probe(feats, masks, lens=lens).to_report(report, "per-pixel probe of the object mask (Dice on held-out "
+                                                           "samples; masks from the world's pixel judge)")
     return cache
 
 

@@ -95,3 +95,14 @@ def classify(image: np.ndarray) -> tuple[str | None, str | None]:
     """(colour, shape) of the largest object, (None, None) when there is none."""
     found = detect(image)
     return (found[0].colour, found[0].shape) if found else (None, None)
+
+
+def object_mask(image: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the object pixels of an (H, W, 3) image (uint8, or floats in [0, 1]), found as `detect` finds
+    objects (saturated pixels, 4-connected components above its size floor) and united. Generated images come with
+    no mask; this is the label a pixel probe of a generated image is scored against."""
+    img = np.asarray(image)
+    mask = np.zeros(img.shape[:2], dtype=bool)
+    for d in detect(img):
+        mask |= d.mask
+    return mask
