@@ -26,9 +26,10 @@ SEED = 10_000_000 + 7_000  # held-out: EVAL_SEED_OFFSET + 7000, apart from the o
 
 
 def line(technique, organism, metric, value, threshold, higher_is_better=True, **extra) -> dict:
-    ok = value >= threshold if higher_is_better else value <= threshold
+    """One score; `threshold=None` marks a value reported without a bar (`passed` is then None, never True)."""
+    ok = None if threshold is None else value >= threshold if higher_is_better else value <= threshold
     return {"technique": technique, "organism": organism, "metric": metric, "value": round(float(value), 4),
-            "threshold": threshold, "higher_is_better": higher_is_better, "passed": bool(ok), **extra}
+            "threshold": threshold, "higher_is_better": higher_is_better, "passed": None if ok is None else bool(ok), **extra}
 
 
 def vlm_binding_scenes(n: int, tok):
@@ -67,7 +68,7 @@ def score_logit_lens(n_scenes: int = 96) -> list[dict]:
         out.append(hits.float())
     hit = torch.cat(out, dim=1).mean(1)  # (layers,)
     names = res.names
-    lines = [line("logit_lens", "vlm", f"answer_colour_top1@{n}", h, 0.9 if k >= 1 else 0.0, layer=n,
+    lines = [line("logit_lens", "vlm", f"answer_colour_top1@{n}", h, 0.9 if k >= 1 else None, layer=n,
                   source="issue 10: top-1 from lm.blocks.1.resid_post on; 0.9 = the organism's binding bar"
                   if k >= 1 else "reported, no bar: block 0 has not read the image yet", n=n_scenes)
              for k, (n, h) in enumerate(zip(names, hit.tolist()))]
@@ -123,7 +124,7 @@ def score_joint_lens(n: int = 240) -> list[dict]:
         acc = torch.cat(corr, dim=1).float().mean(1)
         last = len(res.names) - 1
         for k, (name, a) in enumerate(zip(res.names, acc.tolist())):
-            out.append(line("joint_lens", "clip", f"zero_shot_{what}@{name}", a, bar if k == last else 0.0,
+            out.append(line("joint_lens", "clip", f"zero_shot_{what}@{name}", a, bar if k == last else None,
                             layer=name, n=n, source="the organism's own bar at the last layer (it must equal the "
                             "model's zero-shot accuracy); earlier layers reported, no bar"))
     return out
@@ -131,9 +132,10 @@ def score_joint_lens(n: int = 240) -> list[dict]:
 
 def score_tuned_lens(n_train: int = 96, n_eval: int = 48) -> list[dict]:
     """vlm: KL from each layer's read-out to the model's final distribution, tuned lens vs logit lens, on scenes
-    the translators never saw (every non-padding position of the organism's prompts)."""
+    the translators never saw (every text position of the organism's prompts)."""
     import mmlens.organisms as organisms
     from mmlens.methods import TunedLens, logit_lens
+    from mmlens.methods.tuned_lens import text_positions
     from mmlens.organisms.prompts import vlm_inputs
 
     vlm = organisms.load("vlm")
@@ -146,7 +148,7 @@ def score_tuned_lens(n_train: int = 96, n_eval: int = 48) -> list[dict]:
     tuned = TunedLens(steps=300, lr=1e-3, batch_tokens=512).fit(vlm, batches(0, n_train))
     kl_t, kl_l, n_tok = 0.0, 0.0, 0
     for inputs in batches(n_train, n_train + n_eval):
-        keep = inputs["attention_mask"].bool()
+        keep = text_positions(vlm, inputs)
         t, lg = tuned.transform(vlm, inputs).logits, logit_lens(vlm, inputs).logits
         kl_t = kl_t + _kl_to_last(t, keep)
         kl_l = kl_l + _kl_to_last(lg, keep)
@@ -182,7 +184,7 @@ def score_probes(n_clip: int = 480, n_vlm: int = 480) -> list[dict]:
         res = probe_sweep(X, labels, train=0.75, names=["vision.embed", *names], lens=clip)
         for k, name in enumerate(res.names):
             last = k == len(res.names) - 1
-            out.append(line("probes", "clip", f"{what}_probe_acc@{name}", res.score[k], 0.95 if last else 0.0,
+            out.append(line("probes", "clip", f"{what}_probe_acc@{name}", res.score[k], 0.95 if last else None,
                             control=round(float(res.control[k]), 4), chance=round(chance, 4), layer=name,
                             source="the last layer must carry what the organism classifies at >= 0.95 zero-shot; "
                                    "earlier layers reported"))
@@ -210,14 +212,24 @@ def score_probes(n_clip: int = 480, n_vlm: int = 480) -> list[dict]:
     vit_names, lm_names = vlm.resolve("vision.blocks.*.resid_post"), vlm.resolve("lm.blocks.*.resid_post")
     X_vit = probe_features(vlm, batches, names=vit_names, positions=groups_vit)
     X_lm = probe_features(vlm, batches, names=lm_names, positions=groups_lm)
-    for where, X, names in (("vision", X_vit, vit_names), ("lm", X_lm, lm_names)):
+    # The tokens are chosen by the object's mask, so their position embeddings alone encode where it is: the bar of
+    # each layer is the same probe on blank images through the same tokens (position only, no object).
+    blank = [{**b, "pixel_values": torch.zeros_like(b["pixel_values"])} for b in batches]
+    X_vit_b = probe_features(vlm, blank, names=vit_names, positions=groups_vit)
+    X_lm_b = probe_features(vlm, blank, names=lm_names, positions=groups_lm)
+    src = ("bar: the same probe on blank images through the same tokens (their positions alone); above it, the layer "
+           "carries where the object is beyond where its tokens sit")
+    for X, Xb, names in ((X_vit, X_vit_b, vit_names), (X_lm, X_lm_b, lm_names)):
         r2 = probe_sweep(X, xs, train=0.75, names=names, task="regression", lens=vlm, l2=0.1)
+        r2b = probe_sweep(Xb, xs, train=0.75, names=names, task="regression", l2=0.1)
         lr = probe_sweep(X, halves, train=0.75, names=names, lens=vlm)
+        lrb = probe_sweep(Xb, halves, train=0.75, names=names)
         for k, name in enumerate(names):
-            out.append(line("probes", "vlm", f"object_x_r2@{name}", r2.score[k], 0.0, control=round(float(r2.control[k]), 4),
-                            layer=name, objects=len(xs), source="reported: where position lives (R^2 > 0 beats the mean)"))
-            out.append(line("probes", "vlm", f"left_right_acc@{name}", lr.score[k], 0.5, control=round(float(lr.control[k]), 4),
-                            layer=name, objects=len(xs), source="chance is 0.5; the organism answers left/right at 0.53"))
+            out.append(line("probes", "vlm", f"object_x_r2@{name}", r2.score[k], round(float(r2b.score[k]), 4),
+                            control=round(float(r2.control[k]), 4), layer=name, objects=len(xs), source=src))
+            out.append(line("probes", "vlm", f"left_right_acc@{name}", lr.score[k], round(float(lrb.score[k]), 4),
+                            control=round(float(lr.control[k]), 4), layer=name, objects=len(xs),
+                            source=src + "; chance 0.5; the organism answers left/right questions at 0.53"))
     return out
 
 
@@ -242,7 +254,7 @@ def score_diffusion_lens(per_prompt: int = 2, steps: int = 25) -> list[dict]:
         last = k == len(res.names) - 1
         for what, i, bar in (("colour", 0, 0.90), ("shape", 1, 0.75)):
             acc = float(np.mean([s[i] == p.split()[1 + i] for s, p in zip(said, prompts)]))
-            out.append(line("diffusion_lens", "diffusion", f"prompted_{what}@{name}", acc, bar if last else 0.0,
+            out.append(line("diffusion_lens", "diffusion", f"prompted_{what}@{name}", acc, bar if last else None,
                             layer=name, n=len(prompts), steps=steps,
                             source="last layer = the pipeline's own generation: the organism's card (colour 0.953, "
                                    "shape 0.828 at 8 per prompt) less a margin for 2 per prompt; earlier layers "
@@ -309,7 +321,7 @@ def score_direct_effects(n: int = 240) -> list[dict]:
         line("direct_effects", "clip", "zero_shot_acc_all_mlp_ablated", per["mlp"], round(0.9 * acc, 4), n=n,
              accuracy=round(acc, 4), source="Gandelsman et al. 2024: mean-ablating all MLPs' direct terms costs "
              "little accuracy (the MLPs act through attention, not directly); 0.9 x the model's own accuracy"),
-        line("direct_effects", "clip", "zero_shot_acc_per_group_ablated", per["none"], 0.0, n=n,
+        line("direct_effects", "clip", "zero_shot_acc_per_group_ablated", per["none"], None, n=n,
              per_group={k: round(v, 4) for k, v in per.items()},
              source="reported, no bar: accuracy left with each layer group (and all attn / all mlp) mean-ablated"),
     ]
@@ -338,7 +350,7 @@ def score_pixel_probe(per_prompt: int = 2, n_steps: int = 20, record=(2, 10, 18)
                        "our bar")]
     for b, name in enumerate(res.names):
         for s, step in enumerate(res.steps):
-            out.append(line("pixel_probe", "diffusion", f"dice@{name}@step{step}", res.dice[b, s], 0.0,
+            out.append(line("pixel_probe", "diffusion", f"dice@{name}@step{step}", res.dice[b, s], None,
                             control=round(float(res.control[b, s]), 4), block=name, step=step,
                             timestep=res.timesteps[s], source="reported, no bar: the block x step grid (control: "
                                                               "masks shuffled across training images)"))
@@ -418,7 +430,7 @@ def score_neurons(n_rank: int = 160, n_eval: int = 240, top_n: int = 20) -> list
     layers = {nm: len(v) for nm, v in chosen(top).items()}
     r = lambda d: {c: round(v, 4) for c, v in d.items()}  # noqa: E731
     return [
-        line("neurons", "clip", "red_accuracy_drop", drop["top"]["red"], 0.0, n=n_eval, layers=layers,
+        line("neurons", "clip", "red_accuracy_drop", drop["top"]["red"], None, n=n_eval, layers=layers,
              source=src + "; reported: 0 = no drop (zero-shot accuracy is saturated on single objects)"),
         line("neurons", "clip", "max_other_colour_accuracy_drop", others["top"], drop["top"]["red"], False, n=n_eval,
              source=src + "; bar = red's own drop: no other colour may lose more"),

@@ -78,7 +78,9 @@ def _probes_and_neurons(report: Report, lens, n: int) -> None:
     red = [i for i, s in enumerate(scenes[:48]) if s.objects[0].colour == "red"]
     red_prompts = [j for j, p in enumerate(PROMPTS) if p.split()[1] == "red"]
     inputs = {k: (v[red] if k == "pixel_values" else v) for k, v in batches[0].items()}
-    attr = neuron_attribution(lens, inputs, lambda out: out.logits_per_image[:, red_prompts].sum())
+    others = [j for j in range(len(PROMPTS)) if j not in red_prompts]
+    margin = lambda out: (out.logits_per_image[:, red_prompts].mean(1) - out.logits_per_image[:, others].mean(1)).sum()  # noqa: E731
+    attr = neuron_attribution(lens, inputs, margin)  # red-specific: a neuron raising every prompt scores nothing
     layer, neuron = divmod(int(attr.scores.mean(1).flatten().argmax()), attr.scores.shape[-1])
     top = top_activating(lens, batches, names=attr.names[layer], neurons=[neuron], k=8, positions="patches",
                          progress=False)

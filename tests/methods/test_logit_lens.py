@@ -23,16 +23,18 @@ LM = {  # final norm, unembedding, (extra projection) in plain PyTorch
 def test_logit_lens_equals_plain_pytorch(tiny_lens, name):
     lens = tiny_lens(name)
     inputs = sample_inputs(name, lens, batch=2)
-    res = logit_lens(lens, inputs, positions=[0, -1])
+    mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+    pos = torch.stack([mask.argmax(1), mask.shape[1] - 1 - mask.flip(1).argmax(1)], 1)  # first, last real token
+    res = logit_lens(lens, inputs, positions=pos)
     out = lens.model(**inputs, output_hidden_states=True)
     hidden = out.hidden_states if name != "blip2" else out.language_model_outputs.hidden_states
-    seq = hidden[0].shape[1]
+    rows = torch.arange(2)[:, None]
     assert res.logits.shape == (len(res.names), 2, 2, out.logits.shape[-1]) and res.logits.dtype == torch.float32
-    assert res.positions.tolist() == [[0, seq - 1]] * 2
+    assert torch.equal(res.positions, pos)
     # the last layer is the model's own logits; earlier ones by hand (HF's last hidden state is already normed)
-    torch.testing.assert_close(res.logits[-1], out.logits[:, [0, seq - 1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.logits[-1], out.logits[rows, pos], atol=1e-5, rtol=1e-5)
     for k in range(len(res.names) - 1):
-        x = hidden[k + 1][:, [0, seq - 1]]
+        x = hidden[k + 1][rows, pos]
         for mod in LM[name](lens.model):
             x = mod(x)
         torch.testing.assert_close(res.logits[k], x, atol=1e-5, rtol=1e-5)
@@ -59,6 +61,7 @@ def test_logit_lens_positions_answer_and_grid(tiny_lens):
 
 
 @pytest.mark.parametrize("positions,match", [("last", "allowed: None"), ([99], "out of range"),
+                                             ([-1], "position 26 is padding in batch row 0"),
                                              (torch.zeros(3, 1, dtype=torch.long), "batch=2")])
 def test_logit_lens_bad_positions(tiny_lens, positions, match):
     lens = tiny_lens("llava")

@@ -35,14 +35,15 @@ def test_identity_translators_are_the_logit_lens(tiny_lens):
 def test_training_lowers_kl_and_keeps_the_last_layer(fitted):
     lens, batches, _, tl = fitted
     inputs = batches[0]
-    tuned, plain = tl.transform(lens, inputs, positions=[-1, -2]), logit_lens(lens, inputs, positions=[-1, -2])
+    tuned, plain = tl.transform(lens, inputs, positions="answer"), logit_lens(lens, inputs, positions="answer")
     kl_t, kl_l = _kl_per_layer(tuned.logits), _kl_per_layer(plain.logits)
     assert kl_t[0] < 0.8 * kl_l[0], (kl_t, kl_l)
     torch.testing.assert_close(tuned.logits[-1], plain.logits[-1], atol=1e-6, rtol=0)  # identity on the last block
     assert tuned.meta["lens_kind"] == "tuned" and plain.meta["lens_kind"] == "logit"
     # the result applies exactly the translator, then the model's own norm and unembedding
     _, cache = lens.run_with_cache(inputs, names="lm.blocks.0.resid_post")
-    h = tl.translators_[0](cache["lm.blocks.0.resid_post"][:, [-1, -2]])
+    ans = lens.token_map(inputs).answer_positions()
+    h = tl.translators_[0](cache["lm.blocks.0.resid_post"][torch.arange(len(ans)), ans][:, None])
     ref = lens.model.lm_head(lens.model.model.language_model.norm(h))
     torch.testing.assert_close(tuned.logits[0], ref, atol=1e-5, rtol=1e-5)
     assert all(p.grad is None for p in lens.model.parameters())  # the model took no gradient

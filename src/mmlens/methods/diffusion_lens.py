@@ -71,7 +71,8 @@ def diffusion_lens(lens, prompts: str | Sequence[str], *, names: str | Sequence[
                    **generate_kwargs) -> DiffusionLensResult:
     """Generate `prompts` from each of `names` (default: the text encoder's embeddings and every block) through its
     final norm. Keywords go to the pipeline (`num_inference_steps`, `guidance_scale`, `generator`, `height`, ...);
-    a `generator` is re-seeded from its initial state for every layer, so the rows differ only by the text states.
+    the `generator` (default: seeded with 0) is re-seeded from its initial state for every layer, so the rows differ
+    only by the text states.
     Stable Diffusion pipelines (one CLIP text encoder) are supported."""
     require_family(lens, "diffusion", "diffusion_lens")
     if lens.architecture != "sd_unet" or getattr(lens.model, "text_encoder", None) is None:
@@ -86,13 +87,16 @@ def diffusion_lens(lens, prompts: str | Sequence[str], *, names: str | Sequence[
     if not all(n.startswith("text_encoder.") and n != "text_encoder.ln_final" for n in resolved):
         raise ValueError(f"diffusion_lens reads text-encoder states before the final norm; got {resolved}")
     generator = generate_kwargs.pop("generator", None)
-    seed_state = generator.get_state() if generator is not None else None
+    if generator is None:  # the same noise for every layer, so rows differ only by the text states
+        generator = torch.Generator(device=lens.device).manual_seed(0)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be one torch.Generator (re-seeded for every layer); got {type(generator).__name__}")
+    seed_state = generator.get_state()
     cond = _states(lens, prompts, resolved)
     uncond = _states(lens, [""] * len(prompts), resolved)
     images = []
     for c, u in zip(cond, uncond):
-        if generator is not None:
-            generator.set_state(seed_state)
+        generator.set_state(seed_state)
         out = lens(prompt_embeds=c, negative_prompt_embeds=u, generator=generator, output_type="np", **generate_kwargs)
         images.append(torch.as_tensor(out.images).float())
     return DiffusionLensResult(meta=provenance(lens, resolved), names=resolved, prompts=prompts,

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .result import Result, provenance, require_family
+from .result import Result, provenance, require_family, token_id
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(attn|mlp)")
 
@@ -331,7 +331,8 @@ def direct_effects(lens, inputs, *, per_position: bool = False) -> DirectEffects
     normed = normed.reshape(batch, seq, tok.shape[1], -1).permute(0, 2, 1, 3)
     head = readout
     mha = head.attention
-    x = ln_post(resid.to(next(ln_post.parameters()).dtype))
+    ln_p = next(ln_post.parameters())
+    x = ln_post(resid.to(ln_p.device, ln_p.dtype))  # the cache lives on CPU; the head on the model's device
     probe = head.probe.repeat(batch, 1, 1)
     pooled, attn = mha(probe, x, x, need_weights=True, average_attn_weights=False)  # attn (batch, heads, 1, seq)
     h = attn.shape[1]
@@ -411,11 +412,7 @@ def direct_logit_attribution(lens, inputs, token: int | str, *, position: str | 
                         f"applies {paths}")
     norm, unembed = (model.get_submodule(p) for p in paths)
     if isinstance(token, str):
-        tok = getattr(lens.processor, "tokenizer", lens.processor)
-        tid = tok.convert_tokens_to_ids(token)
-        if tid is None or tid == getattr(tok, "unk_token_id", None):
-            raise ValueError(f"token {token!r} is not in the vocabulary")
-        token = int(tid)
+        token = token_id(token, getattr(lens.processor, "tokenizer", lens.processor).get_vocab())
     n = _blocks(lens, "lm")
     names = ["lm.blocks.0.resid_pre", f"lm.blocks.{n - 1}.resid_post", *lens.hook_points("lm.blocks.*.attn.z"),
              *lens.hook_points("lm.blocks.*.mlp.out")]

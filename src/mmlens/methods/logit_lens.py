@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .result import Result, provenance, require_family
+from .result import Result, provenance, require_family, token_id
 
 
 @dataclass(repr=False)
@@ -50,11 +50,8 @@ class LogitLensResult(Result):
         return [[[[decode(i) for i in pos] for pos in b] for b in layer] for layer in ids.tolist()]
 
     def token_id(self, token: str | int) -> int:
-        if isinstance(token, int):
-            return token
-        if token not in self.vocab:
-            raise ValueError(f"token {token!r} is not in the vocabulary of {self.meta.get('model_class')}")
-        return self.vocab.index(token)
+        """A word's id (its word-initial piece where the vocabulary marks one: `▁red`, `Ġred`)."""
+        return token_id(token, self.vocab)
 
     def token_probs(self, token: str | int) -> Float[Tensor, "layers batch positions"]:
         """Probability of one token (string or id) at every layer and position."""
@@ -108,7 +105,20 @@ class LogitLensResult(Result):
         return fig
 
 
-def _positions(tm, positions, seq: int, batch: int) -> Int[Tensor, "batch n"]:
+def _positions(tm, positions, seq: int, batch: int, mask: Tensor | None = None) -> Int[Tensor, "batch n"]:
+    """`positions` as (batch, n) indices; an explicit position that is padding in some row is refused (with right
+    padding, -1 of a short row is a pad token: use 'answer', or left padding)."""
+    pos = _position_indices(tm, positions, seq, batch)
+    if mask is not None and positions is not None and not isinstance(positions, str):
+        pad = mask.cpu()[torch.arange(batch)[:, None], pos] == 0
+        if pad.any():
+            b, k = pad.nonzero()[0].tolist()
+            raise ValueError(f"position {int(pos[b, k])} is padding in batch row {b}; use positions='answer', pad "
+                             "on the left, or per-row positions (a (batch, n) tensor)")
+    return pos
+
+
+def _position_indices(tm, positions, seq: int, batch: int) -> Int[Tensor, "batch n"]:
     if positions is None:
         return torch.arange(seq).expand(batch, seq)
     if isinstance(positions, str):
@@ -147,7 +157,7 @@ def read_out(lens, inputs, names, positions, technique: str, translate=None) -> 
     _, cache = lens.run_with_cache(inputs, names=resolved)
     tm = lens.token_map(inputs)
     seq, batch = tm.modality.shape[1], tm.modality.shape[0]
-    pos = _positions(tm, positions, seq, batch)
+    pos = _positions(tm, positions, seq, batch, inputs.get("attention_mask"))
     rows = torch.arange(batch)[:, None]
     logits = []
     for k, name in enumerate(resolved):
@@ -192,8 +202,9 @@ class JointLensResult(Result):
         y = self.accuracy(labels) if labels is not None else self.logits.softmax(-1).amax(-1).mean(-1)
         fig, ax = plt.subplots(figsize=(max(3.0, 0.5 * len(self.names)), 2.4))
         ax.plot(range(len(self.names)), y.numpy(), marker="o")
-        ax.set_xticks(range(len(self.names)), [n.split(".")[2] for n in self.names], fontsize=7)
-        ax.set_xlabel("image-tower block")
+        ax.set_xticks(range(len(self.names)), [n.removeprefix("vision.").replace(".resid_post", "")
+                                               for n in self.names], fontsize=6, rotation=45)
+        ax.set_xlabel("image-tower layer")
         ax.set_ylabel("zero-shot accuracy" if labels is not None else "mean top probability", fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.set_title("joint lens", fontsize=8)

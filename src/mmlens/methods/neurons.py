@@ -323,7 +323,8 @@ def neuron_logit_weights(lens, names: str | Sequence[str] | None = None, *, k: i
         mods = [model.get_submodule(p) for p in paths]
         norm, rest = (mods[0], mods[1:]) if not isinstance(mods[0], nn.Linear) else (None, mods)
         tok = getattr(lens.processor, "tokenizer", lens.processor)
-        labels = tok.convert_ids_to_tokens(list(range(len(tok)))) if tok is not None else []
+        vocab = rest[-1].weight.shape[0]  # the unembedding's rows (may exceed the tokenizer's size: padding rows)
+        labels = [t or "" for t in tok.convert_ids_to_tokens(list(range(vocab)))] if tok is not None else []
     else:
         if text_embeds is None:
             raise ValueError("contrastive models score neurons against texts: pass text_embeds (texts, d_embed)")
@@ -426,8 +427,7 @@ def ablate_neurons(lens, inputs: Mapping, neurons: Mapping[str, Sequence[int] | 
     returning a copy of mlp.post with those columns replaced."""
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode must be 'zero' or 'mean'; got {mode!r}")
-    idx = {n: torch.as_tensor(v, dtype=torch.long) for n, v in neurons.items()}
-    _names(lens, list(idx))
+    idx = {r: torch.as_tensor(v, dtype=torch.long) for n, v in neurons.items() for r in _names(lens, [n])}
     bsz = _batch_size(inputs)
 
     def edit(v, ctx):

@@ -58,6 +58,8 @@ class LinearProbe:
         cfg = self.config
         if cfg.task not in TASKS:
             raise ValueError(f"task={cfg.task!r}; allowed: {TASKS}")
+        if not (isinstance(cfg.steps, int) and cfg.steps >= 1 and cfg.l2 >= 0 and cfg.lr > 0):
+            raise ValueError(f"LinearProbe: steps must be a positive int, l2 >= 0 and lr > 0; got {cfg}")
         X = _check_X(X)
         y = torch.as_tensor(y)
         if y.shape[0] != X.shape[1]:
@@ -160,8 +162,13 @@ def probe_features(lens, batches: Sequence[dict], *, names: str | Sequence[str],
             raise ValueError(f"probe_features reads (batch, seq, d) values; {resolved[0]} gives {tuple(stack.shape[1:])}")
         if positions == "cls":
             feats.append(stack[:, :, 0])
-        elif positions == "mean":
-            feats.append(stack.mean(2))
+        elif positions == "mean":  # over real tokens: padding would make a sample depend on its batch
+            mask = inputs.get("attention_mask")
+            if mask is not None and mask.shape[-1] == stack.shape[2]:
+                w = mask.to(stack.dtype).cpu()[None, :, :, None]
+                feats.append((stack * w).sum(2) / w.sum(2).clamp(min=1))
+            else:
+                feats.append(stack.mean(2))
         elif isinstance(positions, int):
             feats.append(stack[:, :, positions])
         elif isinstance(positions, str):
@@ -174,9 +181,10 @@ def probe_features(lens, batches: Sequence[dict], *, names: str | Sequence[str],
 
 @dataclass(repr=False)
 class ProbeSweepResult(Result):
-    """Held-out `score` per layer (accuracy or R^2), the same probe on shuffled labels (`control`, Hewitt and
-    Liang's control task adapted to images: labels carry no information, so what the probe reaches there is
-    memorisation), and `selectivity = score - control`."""
+    """Held-out `score` per layer (accuracy or R^2), the same probe fit and scored on shuffled labels (`control`:
+    labels that carry no information, so the control sits at chance for a probe that cannot memorise across the
+    split; it guards against leakage and degenerate features rather than measuring Hewitt and Liang's
+    type-memorisation), and `selectivity = score - control`."""
 
     names: list[str]
     task: str
@@ -360,6 +368,7 @@ def pixel_probe(feats: PixelFeatures, masks: Bool[Tensor, "n h w"], *, train: in
     if st < 1:
         raise ValueError(f"train_stride={train_stride}; it must be a positive int")
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    perm = perm.roll(1)[perm.argsort()]  # a derangement: no training image keeps its own mask
     y_fit = masks[:k, ::st, ::st].reshape(-1).long()
     shuffled = masks[:k][perm][:, ::st, ::st].reshape(-1).long()
     if len(y_fit.unique()) < 2:

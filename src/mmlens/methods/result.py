@@ -41,6 +41,21 @@ def provenance(lens, names: list[str] | None = None, **extra) -> dict:
             "names": list(names or []), **extra}
 
 
+WORD_STARTS = ("\u2581", "\u0120", "")  # SentencePiece "▁word", byte-level BPE "Ġword", a word-level vocabulary
+
+
+def token_id(token: str | int, vocab) -> int:
+    """The id of a word given as a string: its word-initial piece where the vocabulary marks one (`▁red`, `Ġred`),
+    else the exact entry; `vocab` is a list (id -> string) or a dict (string -> id). Ints pass through."""
+    if isinstance(token, int):
+        return token
+    lookup = vocab if isinstance(vocab, dict) else {t: i for i, t in enumerate(vocab)}
+    for start in WORD_STARTS:
+        if start + token in lookup:
+            return int(lookup[start + token])
+    raise ValueError(f"token {token!r} is not in the vocabulary (tried {[s + token for s in WORD_STARTS]}); pass its id")
+
+
 def require_family(lens, families: tuple[str, ...] | str, technique: str) -> None:
     families = (families,) if isinstance(families, str) else families
     if lens.family not in families:

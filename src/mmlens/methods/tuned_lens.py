@@ -48,7 +48,8 @@ class TunedLens:
 
     # ------------------------------------------------------------------------------------------------- fit
     def fit(self, lens, batches: Sequence[dict], *, work: str | os.PathLike | None = None) -> TunedLens:
-        """Train on every non-padding position of `batches` (processor outputs). `work`: a folder for resumable
+        """Train on every text position of `batches` (processor outputs; image tokens, padding and special tokens
+        are left out: the model never learned to predict the token after them). `work`: a folder for resumable
         checkpoints (a rerun continues where an interrupted one stopped)."""
         require_family(lens, "generative", "TunedLens.fit")
         cfg = self.config
@@ -125,16 +126,22 @@ def _identity_translators(n: int, d: int) -> nn.ModuleList:
 
 @torch.no_grad()
 def _collect(lens, names: list[str], batches: Sequence[dict]) -> tuple[Tensor, Tensor]:
-    """Residuals of every layer and the model's final log-probs at every non-padding position (on CPU, float32)."""
+    """Residuals of every layer and the model's final log-probs at every text position (on CPU, float32): the
+    positions whose next token the model was trained to predict (image tokens and padding are not)."""
     hidden, target = [], []
     for inputs in batches:
         out, cache = lens.run_with_cache(inputs, names=names, cache_device="cpu", cache_dtype=torch.float32)
-        mask = inputs.get("attention_mask")
-        keep = (mask != 0) if mask is not None else torch.ones(out.logits.shape[:2], dtype=torch.bool)
-        keep = keep.cpu()
+        keep = text_positions(lens, inputs)
         hidden.append(torch.stack([cache[n][keep] for n in names]))
         target.append(out.logits.float().cpu()[keep].log_softmax(-1))
     return torch.cat(hidden, dim=1), torch.cat(target)
+
+
+def text_positions(lens, inputs) -> Tensor:
+    """(batch, seq) bool: the text tokens of `inputs` (no padding, special or image tokens)."""
+    from ..hooks.tokens import MODALITIES
+
+    return (lens.token_map(inputs).modality == MODALITIES.index("text")).cpu()
 
 
 def _kl(logits: Tensor, target_logp: Tensor) -> Tensor:
