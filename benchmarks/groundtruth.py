@@ -432,8 +432,9 @@ def score_neurons(n_rank: int = 160, n_eval: int = 240, top_n: int = 20) -> list
     return [
         line("neurons", "clip", "red_accuracy_drop", drop["top"]["red"], None, n=n_eval, layers=layers,
              source=src + "; reported: 0 = no drop (zero-shot accuracy is saturated on single objects)"),
-        line("neurons", "clip", "max_other_colour_accuracy_drop", others["top"], drop["top"]["red"], False, n=n_eval,
-             source=src + "; bar = red's own drop: no other colour may lose more"),
+        line("neurons", "clip", "max_other_colour_accuracy_drop", others["top"],
+             drop["top"]["red"] if drop["top"]["red"] > 0 else None, False, n=n_eval,
+             source=src + "; bar = red's own drop: no other colour may lose more (no bar when red loses nothing)"),
         line("neurons", "clip", "red_acc_drop_minus_max_other_drop", drop["top"]["red"] - others["top"], 0.01,
              n=n_eval, accuracy=per, source=src + "; the finding needs red to lose accuracy (>= 1 point) more than "
              "every other colour; 0 (no drop anywhere) does not show it"),
