@@ -135,7 +135,7 @@ def score_tuned_lens(n_train: int = 96, n_eval: int = 48) -> list[dict]:
     the translators never saw (every text position of the organism's prompts)."""
     import mmlens.organisms as organisms
     from mmlens.methods import TunedLens, logit_lens
-    from mmlens.methods.tuned_lens import text_positions
+    from mmlens.methods.tuned_lens import kl_to_final, text_positions
     from mmlens.organisms.prompts import vlm_inputs
 
     vlm = organisms.load("vlm")
@@ -150,8 +150,8 @@ def score_tuned_lens(n_train: int = 96, n_eval: int = 48) -> list[dict]:
     for inputs in batches(n_train, n_train + n_eval):
         keep = text_positions(vlm, inputs)
         t, lg = tuned.transform(vlm, inputs).logits, logit_lens(vlm, inputs).logits
-        kl_t = kl_t + _kl_to_last(t, keep)
-        kl_l = kl_l + _kl_to_last(lg, keep)
+        kl_t = kl_t + kl_to_final(t, keep) * keep.sum()
+        kl_l = kl_l + kl_to_final(lg, keep) * keep.sum()
         n_tok += int(keep.sum())
     out = []
     for k, name in enumerate(tuned.names_[:-1]):  # the last block is the model's output: both lenses read it exactly
@@ -260,12 +260,6 @@ def score_diffusion_lens(per_prompt: int = 2, steps: int = 25) -> list[dict]:
                                    "shape 0.828 at 8 per prompt) less a margin for 2 per prompt; earlier layers "
                                    "reported (Toker et al.: simple attributes emerge at early layers)"))
     return out
-
-
-def _kl_to_last(logits, keep) -> torch.Tensor:
-    """Sum over kept positions of KL(last layer || layer k), per layer."""
-    p = logits[-1].log_softmax(-1)
-    return torch.stack([((p.exp() * (p - lg.log_softmax(-1))).sum(-1) * keep).sum() for lg in logits])
 
 
 def score_direct_effects(n: int = 240) -> list[dict]:

@@ -6,18 +6,10 @@ final distribution than the logit lens does, on other scenes.
 
 from __future__ import annotations
 
-import torch
-
 import mmlens.organisms as organisms
-from mmlens.methods import TunedLens, logit_lens
+from mmlens.methods import TunedLens, kl_to_final, logit_lens
 from mmlens.organisms.prompts import vlm_inputs
 from mmlens.world import make_scene
-
-
-def kl_to_last(logits: torch.Tensor) -> torch.Tensor:
-    """(layers, batch, positions, vocab) -> KL(last layer || layer k), mean over batch and positions."""
-    p = logits[-1].log_softmax(-1)
-    return torch.stack([(p.exp() * (p - lg.log_softmax(-1))).sum(-1).mean() for lg in logits])
 
 
 def main(n_train: int = 48, steps: int = 150) -> dict:
@@ -27,8 +19,8 @@ def main(n_train: int = 48, steps: int = 150) -> dict:
     batches = [vlm_inputs(vlm, scenes[i:i + 16], [question] * 16) for i in range(0, n_train, 16)]
     tuned = TunedLens(steps=steps).fit(vlm, batches)  # progress bar; pass work= to resume an interrupted fit
     held_out = vlm_inputs(vlm, scenes[n_train:], [question] * 16)
-    kl_tuned = kl_to_last(tuned.transform(vlm, held_out, positions="answer").logits)
-    kl_logit = kl_to_last(logit_lens(vlm, held_out, positions="answer").logits)
+    kl_tuned = kl_to_final(tuned.transform(vlm, held_out, positions="answer").logits)
+    kl_logit = kl_to_final(logit_lens(vlm, held_out, positions="answer").logits)
     for name, t, lg in zip(tuned.names_, kl_tuned.tolist(), kl_logit.tolist()):
         print(f"  {name:24s} KL to the final distribution at the answer: tuned {t:.3f}   logit lens {lg:.3f}")
     return {"tuned": kl_tuned, "logit": kl_logit}

@@ -16,11 +16,11 @@ from .neurons import (NeuronAttributionResult, NeuronWeightsResult, TopActivatio
 from .probes import (LinearProbe, LinearProbeConfig, PixelFeatures, PixelProbeResult, ProbeSweepResult,
                      diffusion_probe_features, pixel_probe, probe_features, probe_sweep)
 from .result import Result, provenance
-from .tuned_lens import TunedLens, TunedLensConfig
+from .tuned_lens import TunedLens, TunedLensConfig, kl_to_final
 
 __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "JointLensResult", "LinearProbe",
            "LinearProbeConfig", "LogitLensResult", "NeuronAttributionResult", "NeuronWeightsResult", "PixelFeatures",
            "PixelProbeResult", "ProbeSweepResult", "Result", "TopActivations", "TunedLens", "TunedLensConfig",
            "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution",
-           "joint_lens", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",
+           "joint_lens", "kl_to_final", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",
            "probe_sweep", "provenance", "top_activating"]

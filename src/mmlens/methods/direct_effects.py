@@ -406,11 +406,11 @@ def direct_logit_attribution(lens, inputs, token: int | str, *, position: str | 
     model = lens.model
     if getattr(model.config.get_text_config(), "final_logit_softcapping", None):
         raise ValueError(f"{lens.architecture}: final_logit_softcapping is not linear; no exact direct attribution")
-    paths = [p.rstrip("?") for p in lens.adapter.unembed_paths if not p.endswith("?") or _has(model, p[:-1])]
-    if len(paths) != 2:
+    mods = lens.adapter.unembed_modules()
+    if len(mods) != 2:
         raise TypeError(f"direct_logit_attribution reads one final norm and the unembedding; {lens.architecture} "
-                        f"applies {paths}")
-    norm, unembed = (model.get_submodule(p) for p in paths)
+                        f"applies {[type(m).__name__ for m in mods]}")
+    norm, unembed = mods
     if isinstance(token, str):
         token = token_id(token, getattr(lens.processor, "tokenizer", lens.processor).get_vocab())
     n = _blocks(lens, "lm")
@@ -439,12 +439,6 @@ def direct_logit_attribution(lens, inputs, token: int | str, *, position: str | 
         labels.append("unembed.bias")
     return DirectLogitResult(meta=provenance(lens, names, position=position), labels=labels, terms=logit,
                              token=token, positions=pos)
-
-
-def _has(model, path: str) -> bool:
-    from ..models.base import has
-
-    return has(model, path)
 
 
 __all__ = ["DirectEffectsResult", "DirectLogitResult", "direct_effects", "direct_logit_attribution"]

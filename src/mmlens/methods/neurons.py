@@ -317,10 +317,7 @@ def neuron_logit_weights(lens, names: str | Sequence[str] | None = None, *, k: i
     if lens.family == "generative":
         if text_embeds is not None:
             raise ValueError("text_embeds apply to contrastive models; generative ones score the vocabulary")
-        from ..models.base import has
-
-        paths = [p.rstrip("?") for p in lens.adapter.unembed_paths if not p.endswith("?") or has(model, p[:-1])]
-        mods = [model.get_submodule(p) for p in paths]
+        mods = lens.adapter.unembed_modules()
         norm, rest = (mods[0], mods[1:]) if not isinstance(mods[0], nn.Linear) else (None, mods)
         tok = getattr(lens.processor, "tokenizer", lens.processor)
         vocab = rest[-1].weight.shape[0]  # the unembedding's rows (may exceed the tokenizer's size: padding rows)

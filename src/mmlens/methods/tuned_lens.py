@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from .estimator import load_estimator, save_estimator
@@ -144,6 +145,18 @@ def text_positions(lens, inputs) -> Tensor:
     return (lens.token_map(inputs).modality == MODALITIES.index("text")).cpu()
 
 
+def kl_to_final(logits: Float[Tensor, "layers *positions vocab"], keep: Tensor | None = None
+                ) -> Float[Tensor, "layers"]:
+    """KL(last layer || layer k) per layer, averaged over the positions `keep` selects (default all): how far each
+    layer's read-out is from the model's final distribution (the last layer of a lens result is the model's own)."""
+    p = logits[-1].float().log_softmax(-1)
+    kl = torch.stack([(p.exp() * (p - lg.float().log_softmax(-1))).sum(-1) for lg in logits])
+    if keep is None:
+        return kl.flatten(1).mean(1)
+    keep = keep.to(kl.device).expand_as(kl[0])
+    return (kl * keep).flatten(1).sum(1) / keep.sum().clamp(min=1)
+
+
 def _kl(logits: Tensor, target_logp: Tensor) -> Tensor:
     """KL(model's final distribution || lens distribution), mean over tokens."""
     logp = logits.float().log_softmax(-1)
@@ -154,7 +167,7 @@ class _FrozenHeads:
     """The unembedding path's parameters take no gradient while translators train (and are left as they were)."""
 
     def __init__(self, lens):
-        self.params = [p for path in lens.adapter.unembed_paths for p in _params(lens.model, path)]
+        self.params = [p for m in lens.adapter.unembed_modules() for p in m.parameters()]
 
     def __enter__(self):
         self.saved = [p.requires_grad for p in self.params]
@@ -166,10 +179,3 @@ class _FrozenHeads:
         for p, r in zip(self.params, self.saved):
             p.requires_grad_(r)
         return False
-
-
-def _params(model: nn.Module, path: str) -> list[nn.Parameter]:
-    from ..models.base import has
-
-    path = path.rstrip("?")
-    return list(model.get_submodule(path).parameters()) if has(model, path) else []

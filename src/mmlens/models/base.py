@@ -47,6 +47,12 @@ class Adapter:
                         f"{self.name} is a {self.family} model"
                         + (" (use project)" if self.family == "contrastive" else ""))
 
+    def unembed_modules(self) -> list[nn.Module]:
+        """The modules `unembed` applies, in order (final norm, ..., unembedding); empty for non-generative models."""
+        from . import readout
+
+        return readout.unembed_modules(self.model, self.unembed_paths)
+
     def project(self, x: Float[Tensor, "*batch d_model"], tower: str = "vision", *,
                 normalize: bool = False) -> Float[Tensor, "*batch d_proj"]:
         """A tower's residual into the joint embedding space, from `projections` (see `readout.project`)."""

@@ -45,14 +45,18 @@ def _chain(x: Tensor, modules: Sequence[nn.Module], what: str) -> Tensor:
     return x
 
 
+def unembed_modules(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
+    """The modules at `paths` that the model has (a path ending in `?` is optional), in order."""
+    return [model.get_submodule(p.rstrip("?")) for p in paths if not p.endswith("?") or has(model, p[:-1])]
+
+
 def unembed(model: nn.Module, resid: Float[Tensor, "*batch d_model"], paths: Sequence[str]
             ) -> Float[Tensor, "*batch vocab"]:
     """The modules at `paths` (final norm, ..., lm_head) applied in order, then the text config's
     `final_logit_softcapping` (Gemma 2) as the model's forward applies it. A path ending in `?` is skipped
     where the model lacks it (OPT has no final norm when it normalises before each block's residual add,
     and no `project_out` when its embedding width equals d_model)."""
-    modules = [model.get_submodule(p.rstrip("?")) for p in paths if not p.endswith("?") or has(model, p[:-1])]
-    logits = _chain(resid, modules, f"unembed of {type(model).__name__}")
+    logits = _chain(resid, unembed_modules(model, paths), f"unembed of {type(model).__name__}")
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
