@@ -68,3 +68,21 @@ def test_probe_errors():
         LinearProbe().predict(X)
     with pytest.raises(ValueError, match="leaves no training"):
         probe_sweep(X, y, train=20)
+
+
+def test_interrupted_save_is_refused(tmp_path):
+    """New tensors next to an old JSON (a save cut between the two files) must not load as a mixture."""
+    X, y = _data(n=60)
+    res = probe_sweep(X, y, train=40)
+    res.save(tmp_path / "a")
+    res2 = probe_sweep(X * 2 + 1, y, train=40, task="classification", seed=1)
+    res2.save(tmp_path / "b")
+    (tmp_path / "a" / "tensors.safetensors").write_bytes((tmp_path / "b" / "tensors.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="does not match"):
+        Result.load(tmp_path / "a")
+    probe = LinearProbe().fit(X[:, :40], y[:40])
+    probe.save(tmp_path / "p")
+    LinearProbe().fit(X[:, :40] + 1, y[:40]).save(tmp_path / "q")
+    (tmp_path / "p" / "weights.safetensors").write_bytes((tmp_path / "q" / "weights.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="does not match"):
+        LinearProbe.load(tmp_path / "p")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..io import CONFIG_FILE, WEIGHTS_FILE, atomic_path, atomic_write_text
+from .result import check_pair, file_sha256
 
 
 def save_estimator(folder: str | os.PathLike, kind: str, config, tensors: dict[str, torch.Tensor], **extra) -> Path:
@@ -20,7 +21,8 @@ def save_estimator(folder: str | os.PathLike, kind: str, config, tensors: dict[s
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    doc = {"estimator": kind, "config": dataclasses.asdict(config), **extra}
+    doc = {"estimator": kind, "config": dataclasses.asdict(config), "sha256": file_sha256(folder / WEIGHTS_FILE),
+           **extra}
     atomic_write_text(folder / CONFIG_FILE, json.dumps(doc, indent=1))
     return folder
 
@@ -39,4 +41,5 @@ def load_estimator(folder: str | os.PathLike, kind: str, config_cls) -> tuple[ob
     unknown = set(doc["config"]) - {f.name for f in dataclasses.fields(config_cls)}
     if unknown:
         raise ValueError(f"{path}: unknown config keys {sorted(unknown)} (saved by another version?)")
+    check_pair(path, folder / WEIGHTS_FILE, doc.get("sha256"))
     return config_cls(**doc["config"]), load_file(str(folder / WEIGHTS_FILE)), doc

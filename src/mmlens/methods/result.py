@@ -30,6 +30,24 @@ TENSORS_FILE = "tensors.safetensors"
 _CLASSES: dict[str, type[Result]] = {}
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_pair(json_path: Path, tensors_path: Path, digest: str | None) -> None:
+    """The JSON names the hash of the tensors written with it: a save interrupted between the two files (new
+    tensors, old JSON) is refused instead of loading a mixture."""
+    if digest is not None and file_sha256(tensors_path) != digest:
+        raise ValueError(f"{tensors_path} does not match {json_path} (a save was interrupted between the two files?); "
+                         "save again")
+
+
 def provenance(lens, names: list[str] | None = None, **extra) -> dict:
     """What produced a result: mmlens version, architecture, model class and path, the hook points used."""
     from .. import __version__
@@ -92,7 +110,8 @@ class Result:
                 plain[f.name] = value
         with atomic_path(folder / TENSORS_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "mmlens.Result", "class": self.tag})
-        doc = {"class": self.tag, "tensors": sorted(tensors), "fields": plain}
+        doc = {"class": self.tag, "tensors": sorted(tensors), "sha256": file_sha256(folder / TENSORS_FILE),
+               "fields": plain}
         atomic_write_text(folder / RESULT_FILE, json.dumps(doc, indent=1, default=_json_default))
         return folder
 
@@ -112,6 +131,7 @@ class Result:
                              "(import the module that defines it first)")
         if not issubclass(target, cls):
             raise ValueError(f"{path} holds a {target.__name__}, not a {cls.__name__}; use Result.load")
+        check_pair(path, folder / TENSORS_FILE, doc.get("sha256"))
         tensors = load_file(str(folder / TENSORS_FILE))
         values = {**doc["fields"], **{k: tensors[k] for k in doc["tensors"]}}
         names = {f.name for f in dataclasses.fields(target)}
