@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .estimator import load_estimator, save_estimator
+from ._estimator import load_estimator, save_estimator
 from .result import Result, provenance
 
 TASKS = ("classification", "regression")

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .estimator import load_estimator, save_estimator
+from ._estimator import load_estimator, save_estimator
 from .logit_lens import LogitLensResult, read_out
 from .result import require_family
 
