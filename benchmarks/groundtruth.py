@@ -284,7 +284,7 @@ def score_direct_effects(n: int = 240) -> list[dict]:
     with torch.no_grad():
         text = clip.model(**clip.prepare(inputs)).text_embeds.float().cpu()
     res = DirectEffectsResult(meta=parts[0].meta, labels=parts[0].labels, terms=torch.cat([p.terms for p in parts]),
-                              positions=torch.zeros(0), logit_scale=parts[0].logit_scale, logit_bias=0.0)
+                              by_position=torch.zeros(0), logit_scale=parts[0].logit_scale, logit_bias=0.0)
     labels = torch.tensor([PROMPTS.index(s.short_caption) for s in scenes])
     blocks = 1 + max(int(lb.split(".")[1]) for lb in res.labels if lb.startswith("blocks."))
     last2 = [f"blocks.{b}.attn" for b in (blocks - 2, blocks - 1)]

@@ -76,9 +76,9 @@ def test_clip_per_position_sums_to_heads(tiny_lens):
     lens = tiny_lens("clip")
     res = direct_effects(lens, sample_inputs("clip", lens, batch=2), per_position=True)
     heads = [i for i, lb in enumerate(res.labels) if ".head" in lb]
-    assert res.positions.shape[:2] == res.terms.shape[:2] and res.positions.shape[-1] == res.terms.shape[-1]
-    torch.testing.assert_close(res.positions.sum(2)[:, heads], res.terms[:, heads], atol=1e-5, rtol=1e-5)
-    assert not res.positions[:, [res.labels.index("embed")]].any()
+    assert res.by_position.shape[:2] == res.terms.shape[:2] and res.by_position.shape[-1] == res.terms.shape[-1]
+    torch.testing.assert_close(res.by_position.sum(2)[:, heads], res.terms[:, heads], atol=1e-5, rtol=1e-5)
+    assert not res.by_position[:, [res.labels.index("embed")]].any()
     with pytest.raises(ValueError, match="CLIP's class token only"):
         direct_effects(tiny_lens("siglip"), sample_inputs("siglip", tiny_lens("siglip")), per_position=True)
 
@@ -128,7 +128,7 @@ def test_round_trip_plot_and_wrong_family(tiny_lens, tmp_path):
     res = direct_effects(lens, inputs, per_position=True)
     back = Result.load(res.save(tmp_path / "de"))
     assert type(back) is DirectEffectsResult and back.labels == res.labels and back.meta == res.meta
-    assert torch.equal(back.terms, res.terms) and torch.equal(back.positions, res.positions)
+    assert torch.equal(back.terms, res.terms) and torch.equal(back.by_position, res.by_position)
     assert isinstance(res.plot(), Figure)
     out = lens.model(**inputs)
     assert isinstance(res.plot(out.text_embeds, [0, 1]), Figure)

@@ -76,13 +76,13 @@ class DirectEffectsResult(Result):
     """`terms` (batch, components, d_embed), float32: each component's direct contribution to the (unnormalised)
     image embedding; `labels[c]` names component c ('embed', 'ln_post.bias', 'blocks.{i}.attn.head{h}',
     'blocks.{i}.attn.bias', 'blocks.{i}.mlp'; SigLIP also 'head.bias', 'head.mlp'). `terms.sum(1)` is the model's
-    image features. `positions` (batch, components, seq, d_embed) splits each head's term by the key position it
+    image features. `by_position` (batch, components, seq, d_embed) splits each head's term by the key position it
     read (zeros for non-head components), or is an empty tensor when not asked for. `logit_scale`/`logit_bias`:
     the model's, so that `scores` are logits."""
 
     labels: list[str]
     terms: Tensor
-    positions: Tensor
+    by_position: Tensor
     logit_scale: float
     logit_bias: float
 
@@ -135,7 +135,7 @@ class DirectEffectsResult(Result):
         b, c, d = self.terms.shape
         heads = sum(".head" in lb for lb in self.labels)
         return (f"DirectEffectsResult({self.meta.get('architecture')}: {b} images x {c} components ({heads} heads) "
-                f"x {d} dims{'' if not self.positions.numel() else ', split by position'})")
+                f"x {d} dims{'' if not self.by_position.numel() else ', split by position'})")
 
     def plot(self, text_embeds: Tensor | None = None, labels: Sequence[int] | Tensor | None = None):
         """Per layer group, the mean share of the image embedding's direct effect: its projection on the total
@@ -315,7 +315,7 @@ def direct_effects(lens, inputs, *, per_position: bool = False) -> DirectEffects
         if per_position:
             pos_terms = _clip_positions(lens, cache, n, labels, lin, w, batch, seq)
         meta = provenance(lens, names, per_position=per_position, embed=embed_name)
-        return DirectEffectsResult(meta=meta, labels=labels, terms=parts, positions=pos_terms,
+        return DirectEffectsResult(meta=meta, labels=labels, terms=parts, by_position=pos_terms,
                                    logit_scale=model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1.0,
                                    logit_bias=0.0)
 
@@ -362,7 +362,7 @@ def direct_effects(lens, inputs, *, per_position: bool = False) -> DirectEffects
     parts = torch.cat([parts, rest[:, None]], 1)
     labels.append("head.mlp")
     meta = provenance(lens, names, per_position=False, embed=embed_name)
-    return DirectEffectsResult(meta=meta, labels=labels, terms=parts, positions=torch.zeros(0),
+    return DirectEffectsResult(meta=meta, labels=labels, terms=parts, by_position=torch.zeros(0),
                                logit_scale=model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1.0,
                                logit_bias=model.logit_bias.item() if hasattr(model, "logit_bias") else 0.0)
 
