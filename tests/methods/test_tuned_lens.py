@@ -24,12 +24,18 @@ def fitted(tiny_lens, tmp_path_factory):
     return lens, batches, work, TunedLens(steps=40, lr=3e-3, batch_tokens=64).fit(lens, batches, work=work)
 
 
-def test_identity_translators_are_the_logit_lens(tiny_lens):
-    lens = tiny_lens("llava")
-    inputs = sample_inputs("llava", lens)
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "paligemma", "blip2"])
+def test_identity_translators_are_the_logit_lens(tiny_lens, name):
+    lens = tiny_lens(name)
+    inputs = sample_inputs(name, lens)
     tl = TunedLens()
     tl.names_, tl.translators_ = lens.resolve("lm.blocks.*.resid_post"), _identity_translators(2, 64)
     torch.testing.assert_close(tl.transform(lens, inputs).logits, logit_lens(lens, inputs).logits, atol=1e-6, rtol=0)
+    shifted = _identity_translators(2, 64)
+    with torch.no_grad():
+        shifted[0].bias += 0.5
+    tl.translators_ = shifted
+    assert not torch.allclose(tl.transform(lens, inputs).logits[0], logit_lens(lens, inputs).logits[0])
 
 
 def test_training_lowers_kl_and_keeps_the_last_layer(fitted):
