@@ -195,25 +195,11 @@ def _check_content(lens, x: dict, where: str) -> None:
         if n_tokens and pix is None and x.get("inputs_embeds") is None:
             raise ValueError(f"{where}: input_ids hold {n_tokens} image tokens but no pixel_values were given; the model "
                              f"would run without the image. Build inputs with {PROCESSOR_HINT}")
-        per_image = _tokens_per_image(lens)
+        per_image = lens.adapter.tokens_per_image()
         if pix is not None and per_image and pix.dim() == 4 and n_tokens != pix.shape[0] * per_image:
             raise ValueError(f"{where}: {pix.shape[0]} image(s) of {per_image} tokens each need {pix.shape[0] * per_image} "
                              f"image tokens in input_ids; found {n_tokens}. Let the processor expand the image "
                              f"placeholder: {PROCESSOR_HINT}")
-
-
-def _tokens_per_image(lens) -> int | None:
-    """Image tokens one image occupies in the LM sequence, for the fixed-resolution families."""
-    cfg = lens.model.config
-    if lens.architecture == "llava":
-        vc = cfg.vision_config
-        return (vc.image_size // vc.patch_size) ** 2 + int(cfg.vision_feature_select_strategy == "full")
-    if lens.architecture == "paligemma":
-        vc = cfg.vision_config
-        return (vc.image_size // vc.patch_size) ** 2
-    if lens.architecture == "blip2":
-        return cfg.num_query_tokens
-    return None
 
 
 def check_pipeline_kwargs(lens, kwargs: dict, where: str, suggest: Iterable[str] = ()) -> None:

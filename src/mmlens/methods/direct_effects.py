@@ -189,26 +189,33 @@ def _heads(z: Tensor, o: nn.Linear) -> Tensor:
     return torch.einsum("bhk,hkd->bhd", z.float(), w)
 
 
+def norm_gain(norm: nn.Module, d: int) -> Tensor:
+    """A final norm's elementwise gain, without dividing by the residual's scale: LayerNorm's weight; RMSNorm's read
+    off the module itself (`norm(ones) * sqrt(1 + eps)`, so Gemma's 1 + w and each family's own formula are used)."""
+    if isinstance(norm, nn.LayerNorm):
+        return norm.weight.detach().float().cpu() if norm.weight is not None else torch.ones(d)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if eps is None:
+        raise TypeError(f"expected a LayerNorm or RMSNorm as the final norm; got {type(norm).__name__}")
+    p = next(norm.parameters())
+    with torch.no_grad():
+        out = norm(torch.ones(1, d, device=p.device, dtype=p.dtype)).float().cpu()[0]
+    return out * (1 + eps) ** 0.5
+
+
 def _norm_linear(norm: nn.Module, resid: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor | None]:
     """The final norm as a linear map at the scale of `resid` (batch, d), plus its bias (LayerNorm) or None.
 
     LayerNorm: t -> w * (t - mean(t)) / std(resid). RMSNorm (Llama, Qwen2, Gemma's 1 + w): t -> g * t / rms(resid),
-    with the gain g read off the module itself (`norm(ones) * sqrt(1 + eps)`), so each family's own formula is used."""
+    g = `norm_gain(norm)`."""
     resid = resid.float()
+    gain = norm_gain(norm, resid.shape[-1])
     if isinstance(norm, nn.LayerNorm):
         mu = resid.mean(-1, keepdim=True)
         std = ((resid - mu) ** 2).mean(-1, keepdim=True).add(norm.eps).sqrt()
-        w = norm.weight.detach().float().cpu()
         bias = norm.bias.detach().float().cpu() if norm.bias is not None else None
-        return (lambda t: w * (t - t.mean(-1, keepdim=True)) / std.view(-1, *[1] * (t.dim() - 2), 1)), bias
+        return (lambda t: gain * (t - t.mean(-1, keepdim=True)) / std.view(-1, *[1] * (t.dim() - 2), 1)), bias
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if eps is None:
-        raise TypeError(f"direct effects linearise LayerNorm and RMSNorm; {type(norm).__name__} is neither")
-    p = next(norm.parameters())
-    one = torch.ones(1, resid.shape[-1], device=p.device, dtype=torch.float32)
-    with torch.no_grad():
-        gain = (norm.float()(one) if p.dtype == torch.float32 else norm(one.to(p.dtype)).float()).cpu()[0]
-    gain = gain * (1 + eps) ** 0.5
     rms = (resid ** 2).mean(-1, keepdim=True).add(eps).sqrt()
     return (lambda t: gain * t / rms.view(-1, *[1] * (t.dim() - 2), 1)), None
 

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from .direct_effects import norm_gain
 from .result import Result, provenance, require_family
 
 _DEFAULT = {"contrastive": "vision.blocks.*.mlp.post", "generative": "lm.blocks.*.mlp.post"}
@@ -271,20 +272,6 @@ class NeuronWeightsResult(Result):
         return fig
 
 
-def _norm_gain(norm: nn.Module, d: int) -> Tensor:
-    """The final norm's elementwise gain, without dividing by the residual's scale: LayerNorm's weight; RMSNorm's
-    read off the module itself (`norm(ones) * sqrt(1 + eps)`, so Gemma's 1 + w is covered)."""
-    if isinstance(norm, nn.LayerNorm):
-        return norm.weight.detach().float().cpu() if norm.weight is not None else torch.ones(d)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if eps is None:
-        raise TypeError(f"expected a LayerNorm or RMSNorm as the final norm; got {type(norm).__name__}")
-    p = next(norm.parameters())
-    with torch.no_grad():
-        out = norm(torch.ones(1, d, device=p.device, dtype=p.dtype)).float().cpu()[0]
-    return out * (1 + eps) ** 0.5
-
-
 def _out_columns(lens, name: str) -> Float[Tensor, "d_model neurons"]:
     mod = lens.sites[name].module
     if not isinstance(getattr(mod, "weight", None), Tensor) or mod.weight.dim() != 2:
@@ -332,7 +319,7 @@ def neuron_logit_weights(lens, names: str | Sequence[str] | None = None, *, k: i
         norm, rest = (model.get_submodule(p) for p in proj)
         rest = [rest]
         labels = list(texts) if texts is not None else []
-    gain = _norm_gain(norm, d) if norm is not None else torch.ones(d)
+    gain = norm_gain(norm, d) if norm is not None else torch.ones(d)
     ids, scores = [], []
     for w in cols:
         x = w.T * gain  # (neurons, d_model)

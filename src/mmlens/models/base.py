@@ -34,6 +34,10 @@ class Adapter:
     def rows(self) -> list[Row]:
         raise NotImplementedError
 
+    def tokens_per_image(self) -> int | None:
+        """Image tokens one image occupies in the LM sequence (fixed-resolution VLMs), None where it varies."""
+        return None
+
     def token_map(self, inputs: dict, processor: Any = None):
         raise NotImplementedError(f"{self.name}: token_map is defined for generative VLMs only")
 

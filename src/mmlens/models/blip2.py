@@ -62,10 +62,12 @@ class Blip2Adapter(Adapter):
             Row("logits", "", pick="logits", layout="(batch, seq, vocab)"),
         ]
 
+    def tokens_per_image(self) -> int:
+        return self.model.config.num_query_tokens
+
     def token_map(self, inputs: dict, processor=None) -> TokenMap:
-        nq = self.model.config.num_query_tokens
         return TokenMap.from_runs(inputs["input_ids"], self.model.config.image_token_id, None, processor,
-                                  per_image=nq, modality="query")
+                                  per_image=self.tokens_per_image(), modality="query")
 
     def unembed(self, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
         if type(self.model.language_model).__name__.startswith("T5"):

@@ -25,12 +25,17 @@ class LlavaAdapter(Adapter):
             Row("logits", "", pick="logits", layout="(batch, seq, vocab)"),
         ]
 
+    def _full(self) -> bool:
+        return self.model.config.vision_feature_select_strategy == "full"  # keeps CLS as the first image token
+
+    def tokens_per_image(self) -> int:
+        vc = self.model.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2 + int(self._full())
+
     def token_map(self, inputs: dict, processor=None) -> TokenMap:
         cfg = self.model.config
-        vc = cfg.vision_config
-        side = vc.image_size // vc.patch_size
-        full = cfg.vision_feature_select_strategy == "full"  # keeps CLS as the first image token
-        per_image = side * side + int(full)
-        k = grid_positions(per_image, side, side, cls_first=full)
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        per_image = self.tokens_per_image()
+        k = grid_positions(per_image, side, side, cls_first=self._full())
         return TokenMap.from_runs(inputs["input_ids"], cfg.image_token_id, [k], processor, per_image=per_image,
                                   grid_shapes=[(side, side)])

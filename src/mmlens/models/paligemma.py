@@ -24,9 +24,13 @@ class PaliGemmaAdapter(Adapter):
             Row("logits", "", pick="logits", layout="(batch, seq, vocab)"),
         ]
 
+    def tokens_per_image(self) -> int:
+        vc = self.model.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
     def token_map(self, inputs: dict, processor=None) -> TokenMap:
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
         k = grid_positions(side * side, side, side)
         return TokenMap.from_runs(inputs["input_ids"], self.model.config.image_token_id, [k], processor,
-                                  per_image=side * side, grid_shapes=[(side, side)])
+                                  per_image=self.tokens_per_image(), grid_shapes=[(side, side)])
