@@ -100,12 +100,9 @@ def _generative(report: Report, lens, quick: bool = False) -> object:
     tm = lens.token_map(inputs)
     _, cache = lens.run_with_cache(inputs, names=["lm.blocks.*.resid_post", "lm.blocks.*.attn.pattern"],
                                    attn_rows={"lm.blocks.*.attn.pattern": [-1]})
-    img = tm.positions("image")
-    keep = tm.row[0, img] >= 0
     maps, titles = [], []
     for name in lens.hook_points("lm.blocks.*.attn.pattern"):
-        att = cache[name][0, :, 0].mean(0)[img][keep]
-        maps.append(_grid_map(att, int(tm.row.max()) + 1))
+        maps.append(tm.to_grid(cache[name][0, :, 0].mean(0)).float().numpy())  # (rows, cols) over the image
         titles.append(name.replace(".attn.pattern", ""))
     report.figure(_fig(maps, titles), f"last position of '{q}' attending to image patches (mean over heads)")
     ll = logit_lens(lens, inputs, names=["lm.blocks.0.resid_pre", *lens.hook_points("lm.blocks.*.resid_post")])
