@@ -1,6 +1,6 @@
 """Per-pixel probes of diffusion feature maps: the features are the recorded maps (upsampled bilinearly), a planted
-mask channel is found exactly and noise is not, results round-trip, and the benchmark's object-mask label matches the
-world's own masks."""
+mask channel is found exactly and noise is not, the best cell is chosen on validation images and reported on test
+images, results round-trip, and the benchmark's object-mask label matches the world's own masks."""
 
 from __future__ import annotations
 
@@ -81,20 +81,46 @@ def test_planted_mask_channel_gives_dice_one_and_noise_does_not(feats, tmp_path)
     fake = PixelFeatures(names=NAMES, steps=feats.steps, timesteps=feats.timesteps, size=(32, 32), features=base,
                          images=np.zeros((n, 32, 32, 3), np.float32))
     res = pixel_probe(fake, masks, train=8, train_stride=2)
-    assert res.dice.shape == (3, 2) and res.n_train == 8 and res.n_test == 4
-    assert (res.dice[0] == 1.0).all(), res.dice
-    assert (res.dice[1:] < 0.8).all(), res.dice
+    assert res.dice.shape == res.dice_val.shape == (3, 2), (res.dice.shape, res.dice_val.shape)
+    assert (res.n_train, res.n_val, res.n_test) == (8, 2, 2)  # val=0.5 of the 4 held-out images
+    assert (res.dice[0] == 1.0).all() and (res.dice_val[0] == 1.0).all(), (res.dice, res.dice_val)
+    assert (res.dice[1:] < 0.8).all() and (res.dice_val[1:] < 0.8).all(), (res.dice, res.dice_val)
     assert (res.control[0] < 0.8).all(), res.control  # shuffled masks: the planted channel no longer matches
     assert res.best[:2] == (NAMES[0], feats.steps[0]) and res.best[2] == 1.0
+    # validation and test are the held-out images in order: 8-9 and 10-11
+    one = pixel_probe(fake, masks, train=8, val=3, train_stride=2)
+    assert (one.n_val, one.n_test) == (3, 1) and torch.equal(one.dice_val[0], torch.ones(2))
     back = Result.load(res.save(tmp_path / "pixel"))
     assert type(back) is PixelProbeResult and torch.equal(back.dice, res.dice) and back.steps == res.steps
     assert back.timesteps == res.timesteps and torch.equal(back.control, res.control)
+    assert torch.equal(back.dice_val, res.dice_val) and (back.n_val, back.n_test) == (2, 2)
     fig = back.plot()
     assert len(fig.axes) == 2  # the heat map and its colour bar
     with pytest.raises(ValueError, match="expected \\(images=12, 32, 32\\)"):
         pixel_probe(fake, masks[:, :16])
     with pytest.raises(ValueError, match="leaves no training"):
         pixel_probe(fake, masks, train=12)
+    with pytest.raises(ValueError, match="leaves no validation or no test images of the 1 held-out images"):
+        pixel_probe(fake, masks, train=11)  # one held-out image cannot be split
+    for val in (0, 4, 5):
+        with pytest.raises(ValueError, match=f"val={val} leaves no validation or no test images of the 4 held-out"):
+            pixel_probe(fake, masks, train=8, val=val)
+    for val in (0.0, 1.0):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            pixel_probe(fake, masks, train=8, val=val)
+
+
+def test_best_is_chosen_on_validation_and_reported_on_test():
+    """Validation and test disagree: the best cell is the one best on validation, and its Dice is the test Dice of
+    that cell, not the best test Dice (that would be choosing on the test images)."""
+    dice_val = torch.tensor([[0.2, 0.9], [0.5, 0.4]])
+    dice_test = torch.tensor([[0.3, 0.6], [0.95, 0.4]])
+    res = PixelProbeResult(meta={}, names=["a", "b"], steps=[2, 10], timesteps=[900.0, 500.0], n_train=8, n_val=2,
+                           n_test=2, dice=dice_test, dice_val=dice_val, control=torch.zeros(2, 2))
+    assert res.best == ("a", 10, pytest.approx(0.6))
+    assert float(res.dice.max()) > res.best[2]  # the test-set pick would have been ("b", 2, 0.95)
+    res.dice_val = torch.tensor([[0.2, 0.1], [0.5, 0.4]])
+    assert res.best == ("b", 2, pytest.approx(0.95))
 
 
 def test_dice():

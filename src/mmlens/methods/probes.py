@@ -4,6 +4,14 @@
     probe = LinearProbe().fit(X[:, :800], colours[:800])         # one probe per layer, fit together
     probe.score(X[:, 800:], colours[800:])                        # held-out accuracy per layer
     res = probe_sweep(X, colours, train=800)                      # accuracy, control accuracy, selectivity per layer
+    res = probe_sweep(X, colours, train=800, control="types", types=shapes)   # Hewitt-Liang control task
+
+Two control tasks. "shuffle" (the default): the labels permuted across samples, so they carry no information and
+the control sits at chance for a probe that cannot memorise across the split; it guards against leakage and
+degenerate features. "types" (Hewitt and Liang 2019): every type (one id per sample: the token id, the patch cell,
+the object's shape, ...) gets one random label drawn once from the labels' empirical distribution, the same for all
+its samples; a probe that memorises types scores well on it, so `selectivity = score - control` is what the
+representation lets the probe read beyond type identity. `control_task_labels` makes those labels.
 
 `positions` picks which tokens become one sample: "cls" (position 0), "mean" (mean over the sequence), an int, or
 a list of position lists, one per sample (e.g. an object's image tokens from `TokenMap.positions_in_mask`, averaged).
@@ -13,6 +21,7 @@ Diffusion models, one sample per pixel (Chen et al. 2023: UNet activations linea
     feats = diffusion_probe_features(lens, prompts, names=["unet.mid.out", "unet.up.1.out"], steps=[2, 10, 18],
                                      num_inference_steps=20, generator=torch.Generator().manual_seed(0))
     res = pixel_probe(feats, masks, train=2 / 3)        # masks (n_images, H, W) of feats.images; Dice per block x step
+    res.best                                            # the cell best on validation images, its Dice on test images
 """
 
 from __future__ import annotations
@@ -179,17 +188,29 @@ def probe_features(lens, batches: Sequence[dict], *, names: str | Sequence[str],
     return torch.cat(feats, dim=1)
 
 
+CONTROLS = ("shuffle", "types")
+_CONTROL_LEGEND = {"shuffle": "control (shuffled labels)", "types": "control (Hewitt-Liang: a random label per type)"}
+
+
 @dataclass(repr=False)
 class ProbeSweepResult(Result):
-    """Held-out `score` per layer (accuracy or R^2), the same probe fit and scored on shuffled labels (`control`:
-    labels that carry no information, so the control sits at chance for a probe that cannot memorise across the
-    split; it guards against leakage and degenerate features rather than measuring Hewitt and Liang's
-    type-memorisation), and `selectivity = score - control`."""
+    """Held-out `score` per layer (accuracy or R^2), `control`: the same probe fit and scored on a control task's
+    labels, and `selectivity = score - control`. `control_task` says which control:
+
+    - "shuffle": the labels permuted across samples. They carry no information, so the control sits at chance for a
+      probe that cannot memorise across the split; it guards against leakage and degenerate features, not against a
+      probe that memorises.
+    - "types": Hewitt and Liang's (2019) control task. Every type (`probe_sweep(types=...)`) gets one random label
+      drawn from the labels' empirical distribution, the same for all its samples. A probe that reads the type can
+      reach it by memorising, so a high control means the probe is expressive enough to fit arbitrary type-level
+      labels and `selectivity` is what the representation encodes beyond type identity.
+    """
 
     names: list[str]
     task: str
     score: Tensor
     control: Tensor
+    control_task: str = "shuffle"
 
     @property
     def selectivity(self) -> Tensor:
@@ -201,30 +222,81 @@ class ProbeSweepResult(Result):
         fig, ax = plt.subplots(figsize=(max(3.0, 0.5 * len(self.names)), 2.4))
         x = range(len(self.names))
         ax.plot(x, self.score.numpy(), marker="o", label="held-out")
-        ax.plot(x, self.control.numpy(), marker="x", label="control (shuffled labels)")
+        ax.plot(x, self.control.numpy(), marker="x",
+                label=_CONTROL_LEGEND.get(self.control_task, f"control ({self.control_task})"))
         ax.set_xticks(list(x), [n.rsplit(".", 1)[0] for n in self.names], fontsize=6, rotation=60)
         ax.set_ylabel("accuracy" if self.task == "classification" else "R^2", fontsize=8)
         ax.legend(fontsize=7)
         return fig
 
 
+def _type_index(types, n: int) -> Tensor:
+    """One int per sample: the index of its type in order of first appearance. Types are any hashable ids (ints,
+    strings, tuples); a tensor or array gives one type per row (rows of several values become tuples)."""
+    if types is None:
+        raise ValueError("control='types' needs types=: one type id per sample (e.g. the token id, the patch cell, "
+                         "the object's shape), hashable (int, str, tuple)")
+    if isinstance(types, (Tensor, np.ndarray)):
+        types = types.tolist()
+    if isinstance(types, (str, bytes)) or not hasattr(types, "__len__"):
+        raise ValueError(f"types must be a sequence of one hashable type id per sample; got {type(types).__name__}")
+    if len(types) != n:
+        raise ValueError(f"types has {len(types)} entries but there are {n} samples; types needs one type id per "
+                         "sample")
+    index: dict = {}
+    out = []
+    for t in types:
+        t = tuple(t) if isinstance(t, list) else t
+        try:
+            out.append(index.setdefault(t, len(index)))
+        except TypeError:
+            raise ValueError(f"types must be hashable ids (int, str, tuple); got {type(t).__name__}") from None
+    return torch.tensor(out, dtype=torch.long)
+
+
+def control_task_labels(y: Tensor, types, *, seed: int = 0) -> Tensor:
+    """Hewitt and Liang's (2019) control task: every distinct type gets one label drawn once (seeded) from the
+    empirical distribution of `y` (a uniformly random sample's label: a class for classification, a value for
+    regression), and every sample of that type gets it. `types`: one hashable id per sample."""
+    y = torch.as_tensor(y)
+    t = _type_index(types, len(y))
+    n_types = int(t.max()) + 1 if len(t) else 0
+    draw = torch.randint(len(y), (n_types,), generator=torch.Generator().manual_seed(seed))
+    return y[draw][t]
+
+
 def probe_sweep(X: Float[Tensor, "layers n d"], y: Tensor, *, train: int | float = 0.75, names: Sequence[str] = (),
-                task: str = "classification", lens=None, seed: int = 0, **probe_kw) -> ProbeSweepResult:
+                task: str = "classification", control: str = "shuffle", types=None, lens=None, seed: int = 0,
+                **probe_kw) -> ProbeSweepResult:
     """Fit a probe per layer on the first `train` samples (a count or a fraction), score on the rest, and the
-    same with labels shuffled (control)."""
+    same on a control task's labels.
+
+    `control`: "shuffle" (the labels permuted across samples: chance level) or "types" (Hewitt and Liang 2019: a
+    random label per type, drawn once from the empirical labels, see `control_task_labels`), which needs `types`,
+    one hashable id per sample (the token id, the patch cell, the object's shape, ...)."""
+    if control not in CONTROLS:
+        raise ValueError(f"control={control!r}; allowed: {CONTROLS}")
+    if control == "shuffle" and types is not None:
+        raise ValueError("types= is read only by control='types' (the Hewitt-Liang control task); with "
+                         "control='shuffle' it would be ignored")
     X = _check_X(X)
     n = X.shape[1]
     k = int(train * n) if isinstance(train, float) else int(train)
     if not 0 < k < n:
         raise ValueError(f"train={train} leaves no training or no held-out samples of {n}")
     y = torch.as_tensor(y)
+    if y.shape[0] != n:
+        raise ValueError(f"{n} samples in X but {y.shape[0]} labels")
+    if control == "types":
+        y_control = control_task_labels(y, types, seed=seed)
+    else:
+        y_control = y[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
     probe = LinearProbe(task, seed=seed, **probe_kw).fit(X[:, :k], y[:k])
-    shuffled = y[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
-    control = LinearProbe(task, seed=seed, **probe_kw).fit(X[:, :k], shuffled[:k])
+    ctrl = LinearProbe(task, seed=seed, **probe_kw).fit(X[:, :k], y_control[:k])
     names = list(names) or [f"layer {i}" for i in range(X.shape[0])]
     meta = provenance(lens, names) if lens is not None else {"names": names}
     return ProbeSweepResult(meta=meta, names=names, task=task, score=probe.score(X[:, k:], y[k:]),
-                            control=control.score(X[:, k:], shuffled[k:]))
+                            control=ctrl.score(X[:, k:], y_control[k:]), control_task=control)
 
 
 # ------------------------------------------------------------------------------------------ per-pixel probes
@@ -310,22 +382,26 @@ def dice(pred: Bool[Tensor, "... pixels"], mask: Bool[Tensor, "pixels"]) -> Floa
 
 @dataclass(repr=False)
 class PixelProbeResult(Result):
-    """Held-out Dice of a per-pixel linear probe of the object mask, per block (rows) and denoising step
-    (columns), and `control`: the same probe fit on masks shuffled across the training images (what location and
-    size priors alone reach), scored against the true masks."""
+    """Dice of a per-pixel linear probe of the object mask, per block (rows) and denoising step (columns), on held-out
+    images split in two: `dice_val` on the validation images (to choose a cell: `best`) and `dice` on the test
+    images (to report), so the reported Dice of the chosen cell is not picked on the images it is measured on.
+    `control`: the same probe fit on masks shuffled across the training images (what location and size priors alone
+    reach), scored against the true masks of the test images."""
 
     names: list[str]
     steps: list[int]
     timesteps: list[float]
     n_train: int
+    n_val: int
     n_test: int
     dice: Tensor
+    dice_val: Tensor
     control: Tensor
 
     @property
     def best(self) -> tuple[str, int, float]:
-        """(block, step, Dice) of the best cell."""
-        k = int(self.dice.argmax())
+        """(block, step, test Dice) of the cell with the highest validation Dice (`dice_val`)."""
+        k = int(self.dice_val.argmax())
         b, s = divmod(k, len(self.steps))
         return self.names[b], self.steps[s], float(self.dice[b, s])
 
@@ -341,15 +417,22 @@ class PixelProbeResult(Result):
         ax.set_xticks(range(len(self.steps)), [f"step {s}\nt={t:.0f}" for s, t in zip(self.steps, self.timesteps)],
                       fontsize=7)
         ax.set_yticks(range(len(self.names)), self.names, fontsize=7)
-        ax.set_title("held-out Dice of the object-mask probe", fontsize=8)
+        name, step, _ = self.best
+        ax.add_patch(plt.Rectangle((self.steps.index(step) - 0.5, self.names.index(name) - 0.5), 1, 1, fill=False,
+                                   edgecolor="r", linewidth=1.5))
+        ax.set_title(f"test Dice of the object-mask probe ({self.n_test} images; red: best on validation)",
+                     fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.05)
         return fig
 
 
 def pixel_probe(feats: PixelFeatures, masks: Bool[Tensor, "n h w"], *, train: int | float = 2 / 3,
-                train_stride: int = 1, lens=None, seed: int = 0, **probe_kw) -> PixelProbeResult:
+                val: int | float = 0.5, train_stride: int = 1, lens=None, seed: int = 0,
+                **probe_kw) -> PixelProbeResult:
     """Fit a logistic per-pixel probe of `masks` per block (all steps at once) on the first `train` images (a count
-    or a fraction), and score Dice on all pixels of the rest; the control fits on masks shuffled across images.
+    or a fraction), and score Dice on all pixels of the rest, split in order into validation images (the first `val`
+    of them: a count, or a fraction of the held-out images, at least 1) and test images (the rest, at least 1).
+    `dice_val` chooses the best cell, `dice` reports it; the control fits on masks shuffled across training images.
 
     `train_stride` > 1 fits on every stride-th pixel row and column of the training images only: upsampled
     neighbours are near-duplicates (an 8x8 map holds 64 distinct cells), so this cuts the fit's cost by stride^2 at
@@ -362,6 +445,16 @@ def pixel_probe(feats: PixelFeatures, masks: Bool[Tensor, "n h w"], *, train: in
     k = int(train * n) if isinstance(train, float) else int(train)
     if not 0 < k < n:
         raise ValueError(f"train={train} leaves no training or no held-out images of {n}")
+    held = n - k
+    if isinstance(val, float):
+        if not 0 < val < 1:
+            raise ValueError(f"val={val}: a fraction of the held-out images must lie strictly between 0 and 1")
+        n_val = min(max(1, round(val * held)), held - 1)
+    else:
+        n_val = int(val)
+    if not 0 < n_val < held:
+        raise ValueError(f"val={val} leaves no validation or no test images of the {held} held-out images "
+                         f"(train={train} of {n}); validation and test need at least 1 image each")
     px = feats.size[0] * feats.size[1]
     y = masks.reshape(-1).long()
     st = int(train_stride)
@@ -373,15 +466,17 @@ def pixel_probe(feats: PixelFeatures, masks: Bool[Tensor, "n h w"], *, train: in
     shuffled = masks[:k][perm][:, ::st, ::st].reshape(-1).long()
     if len(y_fit.unique()) < 2:
         raise ValueError("the training masks are all one class: nothing to probe")
-    scores, controls = [], []
+    va, te = slice(k * px, (k + n_val) * px), slice((k + n_val) * px, None)
+    scores, scores_val, controls = [], [], []
     for name in feats.names:
         X = feats.block(name)
         X_fit = X[:, : k * px].reshape(len(X), k, *feats.size, -1)[:, :, ::st, ::st].reshape(len(X), len(y_fit), -1)
         probe = LinearProbe(seed=seed, **probe_kw).fit(X_fit, y_fit)
-        scores.append(dice(probe.predict(X[:, k * px:]) == 1, y[k * px:] == 1))
+        scores_val.append(dice(probe.predict(X[:, va]) == 1, y[va] == 1))
+        scores.append(dice(probe.predict(X[:, te]) == 1, y[te] == 1))
         ctrl = LinearProbe(seed=seed, **probe_kw).fit(X_fit, shuffled)
-        controls.append(dice(ctrl.predict(X[:, k * px:]) == 1, y[k * px:] == 1))
+        controls.append(dice(ctrl.predict(X[:, te]) == 1, y[te] == 1))
     meta = provenance(lens, feats.names) if lens is not None else {"names": list(feats.names)}
     return PixelProbeResult(meta=meta, names=list(feats.names), steps=list(feats.steps),
-                            timesteps=list(feats.timesteps), n_train=k, n_test=n - k, dice=torch.stack(scores),
-                            control=torch.stack(controls))
+                            timesteps=list(feats.timesteps), n_train=k, n_val=n_val, n_test=held - n_val,
+                            dice=torch.stack(scores), dice_val=torch.stack(scores_val), control=torch.stack(controls))
