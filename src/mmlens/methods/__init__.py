@@ -11,6 +11,7 @@ never `world`, `organisms` or `testing`: the scoring in `benchmarks/groundtruth.
 from .diffusion_lens import DiffusionLensResult, diffusion_lens
 from .direct_effects import DirectEffectsResult, DirectLogitResult, direct_effects, direct_logit_attribution
 from .logit_lens import JointLensResult, LogitLensResult, joint_lens, logit_lens
+from .attribution_patching import attribution_patching
 from .patching import Corruption, PatchResult, gaussian_noise, patch
 from .neurons import (NeuronAttributionResult, NeuronWeightsResult, TopActivations, ablate_neurons,
                       neuron_attribution, neuron_logit_weights, top_activating)
@@ -20,7 +21,7 @@ from .result import Result, provenance
 from .tuned_lens import TunedLens, TunedLensConfig, kl_to_final
 
 __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "JointLensResult", "LinearProbe",
-           "LinearProbeConfig", "LogitLensResult", "NeuronAttributionResult", "NeuronWeightsResult", "Corruption", "PatchResult", "gaussian_noise", "patch", "PixelFeatures",
+           "LinearProbeConfig", "LogitLensResult", "NeuronAttributionResult", "NeuronWeightsResult", "Corruption", "PatchResult", "attribution_patching", "gaussian_noise", "patch", "PixelFeatures",
            "PixelProbeResult", "ProbeSweepResult", "Result", "TopActivations", "TunedLens", "TunedLensConfig",
            "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution",
            "joint_lens", "kl_to_final", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",
