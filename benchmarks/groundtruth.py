@@ -28,8 +28,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `scores` lives next 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from scores import (diffusion_lens, direct_effects, joint_lens, logit_lens, neurons, pixel_probe,  # noqa: E402
-                    probes, tuned_lens)
+from scores import (diffusion_lens, direct_effects, joint_lens, logit_lens, neurons, patching,  # noqa: E402
+                    pixel_probe, probes, tuned_lens)
 
 # technique name -> its scoring function (benchmarks/scores/<name>.py)
 TECHNIQUES = {
@@ -41,6 +41,8 @@ TECHNIQUES = {
     "diffusion_lens": diffusion_lens.score,
     "pixel_probe": pixel_probe.score,
     "neurons": neurons.score,
+    "patching": patching.score,
+    "attribution_patching": patching.score_attribution,
 }
 
 

@@ -8,7 +8,8 @@ metric = a logit difference at the last position. Modes, each timed on the same 
 - mmlens_loop / mmlens_batched / mmlens: `patch(engine="loop" | "batched" | "auto")`; auto replays each patch
   from its layer and reuses the keys/values before the patched position;
 - nnsight_loop: one `trace` per patch, when nnsight is installed.
-Every mode's values are checked against torch_loop (max_abs_diff). JSON lines on stdout (and --out).
+Every mode's values are checked against torch_loop (max_abs_diff_vs_loop). Also timed: attribution patching
+over every LM block input x image-token position, against one plain forward (`attribution_vs_forward`). JSON lines on stdout (and --out).
 """
 
 from __future__ import annotations
@@ -137,13 +138,33 @@ def main(argv=None) -> None:
         dt = time.perf_counter() - t
         if reference is None:
             reference = vals
-        line = {**meta, "mode": name, "seconds": round(dt, 3), "patches_per_s": round(len(targets) / dt, 1),
-                "max_abs_diff": float((vals.float() - reference.float()).abs().max())}
+        line = {**meta, "peer": name.split("_")[0], "mode": name, "seconds": round(dt, 3),
+                "patches_per_s": round(len(targets) / dt, 1),
+                "max_abs_diff_vs_loop": float((vals.float() - reference.float()).abs().max())}
         if args.device.startswith("cuda"):
             line["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             torch.cuda.reset_peak_memory_stats()
         lines.append(line)
         print(json.dumps(line), flush=True)
+    from mmlens.methods import attribution_patching
+
+    image_positions = list(range(1, 1 + n_img))
+    times = {}
+    for what, fn in (("forward", lambda: model(**corrupt)),
+                     ("attribution", lambda: attribution_patching(lens, clean, corrupt, "lm.blocks.*.resid_pre",
+                                                                  positions=image_positions, metric=metric))):
+        with torch.no_grad() if what == "forward" else torch.enable_grad():
+            fn()
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[what] = time.perf_counter() - t
+    line = {**meta, "peer": "mmlens", "mode": "attribution_patching", "sites": len(blocks) * len(image_positions),
+            "seconds": round(times["attribution"], 3), "forward_seconds": round(times["forward"], 4),
+            "attribution_vs_forward": round(times["attribution"] / times["forward"], 2)}
+    lines.append(line)
+    print(json.dumps(line), flush=True)
     if args.out:
         with open(args.out, "a") as f:
             f.writelines(json.dumps(x) + "\n" for x in lines)
