@@ -28,8 +28,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `scores` lives next 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from scores import (diffusion_lens, direct_effects, joint_lens, logit_lens, neurons, patching,  # noqa: E402
-                    pixel_probe, probes, tuned_lens)
+from scores import (diffusion_lens, direct_effects, joint_lens, knockout, logit_lens, neurons,  # noqa: E402
+                    patching, pixel_probe, probes, tuned_lens)
 
 # technique name -> its scoring function (benchmarks/scores/<name>.py)
 TECHNIQUES = {
@@ -43,6 +43,7 @@ TECHNIQUES = {
     "neurons": neurons.score,
     "patching": patching.score,
     "attribution_patching": patching.score_attribution,
+    "knockout": knockout.score,
 }
 
 

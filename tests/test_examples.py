@@ -78,3 +78,13 @@ def test_probes_and_neurons_example():
     assert sweep.score[-1] >= 0.9 and sweep.control[-1] < 0.4  # colour is in the last layer, shuffled labels are not
     assert sweep.score[0] < 0.5  # the patch embeddings' class token carries no colour yet
     assert result["top"].values.shape == (1, 1, 4)
+
+
+@pytest.mark.skipif("vlm" not in available(), reason="needs the shipped vlm organism")
+def test_attention_knockout(capsys):
+    """Cutting image -> answer attention hurts in the blocks where the answer forms (0-1), not after (2-3)."""
+    result = runpy.run_path(str(EXAMPLES / "attention_knockout.py"))["main"](n_scenes=16)
+    acc = result["accuracy"]  # (blocks, edges): image->last, question->last
+    assert result["baseline"] == 1.0
+    assert acc[:2, 0].min() < 0.95 and (acc[2:] == 1.0).all()
+    assert "image->last" in capsys.readouterr().out

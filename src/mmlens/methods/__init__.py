@@ -10,6 +10,7 @@ never `world`, `organisms` or `testing`: the scoring in `benchmarks/groundtruth.
 
 from .diffusion_lens import DiffusionLensResult, diffusion_lens
 from .direct_effects import DirectEffectsResult, DirectLogitResult, direct_effects, direct_logit_attribution
+from .knockout import KnockoutResult, knockout
 from .logit_lens import JointLensResult, LogitLensResult, joint_lens, logit_lens
 from .attribution_patching import attribution_patching
 from .patching import Corruption, PatchResult, gaussian_noise, patch
@@ -20,7 +21,7 @@ from .probes import (LinearProbe, LinearProbeConfig, PixelFeatures, PixelProbeRe
 from .result import Result, provenance
 from .tuned_lens import TunedLens, TunedLensConfig, kl_to_final
 
-__all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "JointLensResult", "LinearProbe",
+__all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "JointLensResult", "KnockoutResult", "knockout", "LinearProbe",
            "LinearProbeConfig", "LogitLensResult", "NeuronAttributionResult", "NeuronWeightsResult", "Corruption", "PatchResult", "attribution_patching", "gaussian_noise", "patch", "PixelFeatures",
            "PixelProbeResult", "ProbeSweepResult", "Result", "TopActivations", "TunedLens", "TunedLensConfig",
            "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution",
