@@ -28,7 +28,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `scores` lives next 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from scores import (diffusion_lens, direct_effects, joint_lens, knockout, logit_lens, neurons,  # noqa: E402
+from scores import (diffusion_lens, diffusion_patching, direct_effects, joint_lens, knockout, logit_lens, neurons,  # noqa: E402
                     patching, pixel_probe, probes, tuned_lens)
 
 # technique name -> its scoring function (benchmarks/scores/<name>.py)
@@ -44,6 +44,7 @@ TECHNIQUES = {
     "patching": patching.score,
     "attribution_patching": patching.score_attribution,
     "knockout": knockout.score,
+    "diffusion_patching": diffusion_patching.score,
 }
 
 

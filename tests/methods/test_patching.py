@@ -172,8 +172,6 @@ def test_errors(tiny_lens):
     lens = tiny_lens("llava")
     clean, corrupt = _pair("llava", lens)
     m = metrics.logit_diff(1)
-    with pytest.raises(TypeError, match="generative and contrastive"):
-        patch(tiny_lens("sd"), clean, corrupt, "unet.mid.out", metric=m)
     with pytest.raises(ValueError, match="same shapes"):
         patch(lens, clean, {**corrupt, "input_ids": corrupt["input_ids"][:, :-1]}, "lm.blocks.0.resid_pre", metric=m)
     with pytest.raises(ValueError, match="direction"):
@@ -190,3 +188,65 @@ def test_errors(tiny_lens):
         patch(lens, clean, corrupt, "lm.blocks.0.resid_pree", metric=m)
     with pytest.raises(ValueError, match="image tower"):
         patch(tiny_lens("clip"), *_pair("clip", tiny_lens("clip")), "text.blocks.0.resid_pre", metric=m)
+
+
+# ------------------------------------------------------------------------------------------------- diffusion
+DIFF = dict(num_inference_steps=3, guidance_scale=2.0, height=32, width=32)
+
+
+def _image_metric(out):
+    return torch.as_tensor(out.images).float().mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("name", ["sd", "pixart", "sd3"])
+def test_diffusion_patch_equals_hand_loop(tiny_lens, name):
+    """Step-range patches of the source prompt's values equal one hand-hooked generation per patch from the same
+    latents, batched or not; every branch or the cond half only."""
+    lens = tiny_lens(name)
+    extra = {"use_resolution_binning": False} if name == "pixart" else {}
+    clean = {"prompt": ["a red square", "a blue circle"], **DIFF, **extra}
+    corrupt = {**clean, "prompt": ["a green star", "a red circle"]}
+    site = {"sd": "unet.mid.attn.0.cross.out", "pixart": "dit.blocks.1.cross.out", "sd3": "dit.blocks.1.joint.out"}[name]
+    (site,) = lens.resolve(site)
+    cols = {"first": [0], "late": [1, 2]}
+    for branches in (None, ("cond",)):
+        res = patch(lens, clean, corrupt, [site], positions=cols, metric=_image_metric, branches=branches, seed=3)
+        loop = patch(lens, clean, corrupt, [site], positions=cols, metric=_image_metric, branches=branches, seed=3,
+                     engine="loop")
+        torch.testing.assert_close(res.per_example, loop.per_example, atol=1e-5, rtol=1e-4)
+    # by hand: the clean run's values at step 0 written into the corrupt run (all branches)
+    from mmlens.methods._patch_diffusion import _latents
+
+    lat = _latents(lens, clean, 2, 3)
+    _, cache = lens.generate(clean["prompt"], names=[site], latents=lat, progress=False,
+                             **{k: v for k, v in clean.items() if k != "prompt"} | {"output_type": "np"})
+    hook = {site: lambda v, ctx: cache.get(site, step=ctx.step) if ctx.step == 0 else None}
+    out, _ = lens.generate(corrupt["prompt"], names=[], hooks=hook, latents=lat, progress=False,
+                           **{k: v for k, v in corrupt.items() if k != "prompt"} | {"output_type": "np"})
+    res = patch(lens, clean, corrupt, [site], positions=cols, metric=_image_metric, seed=3)
+    torch.testing.assert_close(res.per_example[0, 0], _image_metric(out), atol=1e-5, rtol=1e-4)
+    clean_out, _ = lens.generate(clean["prompt"], names=[], latents=lat, progress=False,
+                                 **{k: v for k, v in clean.items() if k != "prompt"} | {"output_type": "np"})
+    torch.testing.assert_close(res.clean, _image_metric(clean_out), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(res.clean, res.corrupt)
+
+
+def test_diffusion_groups_and_errors(tiny_lens):
+    lens = tiny_lens("sd")
+    clean = {"prompt": "a red square", **DIFF}
+    corrupt = {**clean, "prompt": "a blue circle"}
+    res = patch(lens, clean, corrupt, {"cross k/v": "unet.*.cross.[kv]"}, positions={"all": range(3)},
+                metric=_image_metric)
+    # every cross-attention key and value from the clean prompt at every step: the text reaches the UNet only there
+    torch.testing.assert_close(res.per_example[0, 0], res.clean, atol=1e-5, rtol=1e-4)
+    assert res.names == ["cross k/v"] and res.columns == ["all"]
+    with pytest.raises(ValueError, match="step 3 is not an int"):
+        patch(lens, clean, corrupt, "unet.mid.out", positions=[3], metric=_image_metric)
+    with pytest.raises(ValueError, match="outside the unet"):
+        patch(lens, clean, corrupt, "text_encoder.blocks.0.resid_post", metric=_image_metric)
+    with pytest.raises(ValueError, match="branches"):
+        patch(lens, clean, corrupt, "unet.mid.out", metric=_image_metric, branches=("both",))
+    with pytest.raises(ValueError, match="branches: guidance branches exist only"):
+        vlm = tiny_lens("llava")
+        c, k = _pair("llava", vlm)
+        patch(vlm, c, k, "lm.blocks.0.resid_pre", metric=metrics.prob(1), branches=("cond",))

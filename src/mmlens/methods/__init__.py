@@ -19,11 +19,13 @@ from .neurons import (NeuronAttributionResult, NeuronWeightsResult, TopActivatio
 from .probes import (LinearProbe, LinearProbeConfig, PixelFeatures, PixelProbeResult, ProbeSweepResult,
                      diffusion_probe_features, pixel_probe, probe_features, probe_sweep)
 from .result import Result, provenance
+from .steering import (SteeringSweepResult, SteeringVector, SteeringVectorConfig, steer, steering,
+                       steering_sweep, task_vector)
 from .tuned_lens import TunedLens, TunedLensConfig, kl_to_final
 
 __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "JointLensResult", "KnockoutResult", "knockout", "LinearProbe",
            "LinearProbeConfig", "LogitLensResult", "NeuronAttributionResult", "NeuronWeightsResult", "Corruption", "PatchResult", "attribution_patching", "gaussian_noise", "patch", "PixelFeatures",
-           "PixelProbeResult", "ProbeSweepResult", "Result", "TopActivations", "TunedLens", "TunedLensConfig",
+           "PixelProbeResult", "ProbeSweepResult", "Result", "SteeringSweepResult", "SteeringVector", "SteeringVectorConfig", "steer", "steering", "steering_sweep", "task_vector", "TopActivations", "TunedLens", "TunedLensConfig",
            "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution",
            "joint_lens", "kl_to_final", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",
            "probe_sweep", "provenance", "top_activating"]

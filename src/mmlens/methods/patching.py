@@ -15,7 +15,8 @@ regions (each an int list for every example, a list of per-example lists, or a b
 regions from object masks), or a bool mask. `heads`: ints; patch those heads only (hook points with a head dim:
 `attn.z/q/k/v`, `attn.pattern`), one result row per (name, head). `direction="denoise"` patches clean into the
 corrupt run (restoration); "noise" patches corrupt into the clean run (which sites are necessary). `window=k`
-patches k consecutive names at once (causal tracing's window restoration).
+patches k consecutive names at once (causal tracing's window restoration); `names` as a dict {label: names} patches
+each group's sites together, one row per label ({"cross-attention k/v": "unet.*.cross.[kv]"}).
 
 Speed: the patches go into the batch dimension, and in the block stack a patch at layer l starts from the reference
 run's states entering layer l; in a causal LM the positions before the first patched one are reused from the
@@ -28,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -199,12 +201,16 @@ def _repeat(lens, inputs: dict, k: int) -> dict:
 
 
 def _slice_output(out, lo: int, hi: int, n: int):
-    """Rows lo:hi of every (n, ...) tensor of a model output (other fields dropped)."""
+    """Rows lo:hi of every (n, ...) tensor, array or list of a model or pipeline output (other fields dropped)."""
     if isinstance(out, Tensor):
         return out[lo:hi]
     items = out.items() if isinstance(out, Mapping) else vars(out).items()
-    kept = {k: v[lo:hi] for k, v in items if isinstance(v, Tensor) and v.dim() and v.shape[0] == n}
-    return type(out)(**kept) if isinstance(out, Mapping) else _Output(**kept)
+    kept = {k: v[lo:hi] for k, v in items
+            if (isinstance(v, (Tensor, np.ndarray)) and v.ndim and v.shape[0] == n) or (isinstance(v, list) and len(v) == n)}
+    try:
+        return type(out)(**kept)
+    except TypeError:
+        return _Output(**kept)
 
 
 class _Output(dict):
@@ -337,18 +343,36 @@ def _auto_rows(lens, seq: int, replay: bool) -> int:
     return int(max(1, min(4096, free // 2 // per_row)))
 
 
+def _groups(lens, names, window: int) -> tuple[list[tuple[str, ...]], list[str]]:
+    """The sites patched together per result row: windows of `window` consecutive names (row = the first name), or
+    a dict {label: names or glob} (one row per label, its sites patched together)."""
+    if isinstance(names, Mapping):
+        if window != 1:
+            raise ValueError("window: give either a dict of site groups or window > 1, not both")
+        if not names:
+            raise ValueError("names: an empty dict names no site")
+        return [tuple(lens.resolve(v, arg=f"names[{k!r}]")) for k, v in names.items()], [str(k) for k in names]
+    flat = lens.resolve(names)
+    return [tuple(flat[i:i + window]) for i in range(len(flat))], list(flat)
+
+
 @torch.no_grad()
 def patch(lens, clean, corrupt, names, *, positions=None, heads: Sequence[int] | None = None,
           metric: Callable[[Any], Tensor], direction: str = "denoise", window: int = 1,
-          batch_size: int | None = None, engine: str = "auto", progress: bool = False) -> PatchResult:
+          batch_size: int | None = None, engine: str = "auto", progress: bool = False,
+          branches: Sequence[str] | None = None, seed: int = 0) -> PatchResult:
     """The metric of the `corrupt` run with `clean`'s activation patched in, per name (x head) and position column.
 
     `clean`, `corrupt`: processor outputs of equal shapes, or a `Corruption` (clean inputs + corrupting hooks, e.g.
     `gaussian_noise`). `metric(output) -> Tensor (batch,)` (`mmlens.metrics`). `batch_size`: patched rows per
     forward (default: adapted to free memory). `engine`: "auto" (replay the block stack where possible, else
     batched full forwards), "replay", "batched", or "loop" (one forward per patch, the reference).
+
+    Diffusion pipelines: `clean` / `corrupt` are pipeline keyword arguments (prompts differ, the rest shared),
+    `names` denoiser sites, `positions` denoising steps (a dict of named step ranges, a list of steps, None = all);
+    `branches` patches only those guidance halves ("uncond", "cond"); every run starts from the same latents
+    (drawn from `seed` unless given as `latents`). `metric` reads the pipeline output (`output.images`).
     """
-    require_family(lens, ("generative", "contrastive"), "patch")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}; allowed: {DIRECTIONS}")
     if engine not in ENGINES:
@@ -360,7 +384,20 @@ def patch(lens, clean, corrupt, names, *, positions=None, heads: Sequence[int] |
         raise ValueError(f"window must be a positive int; got {window!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None; got {batch_size!r}")
-    names = lens.resolve(names)
+    groups, row_names = _groups(lens, names, window)
+    names = list(dict.fromkeys(n for g in groups for n in g))
+    if lens.family == "diffusion":
+        if heads is not None:
+            raise ValueError("heads: not supported on diffusion pipelines (patch a site's whole value per step)")
+        from ._patch_diffusion import patch_diffusion
+
+        return patch_diffusion(lens, clean, corrupt, names, positions=positions, metric=metric, direction=direction,
+                               groups=groups, row_names=row_names, window=window, batch_size=batch_size,
+                               engine=engine, branches=branches, seed=seed,
+                               metric_values=_metric_values, result_cls=PatchResult)
+    if branches is not None:
+        raise ValueError(f"branches: guidance branches exist only in diffusion pipelines; {lens.architecture} is a "
+                         f"{lens.family} model")
     clean_run, corrupt_run = _as_run(clean, "clean"), _as_run(corrupt, "corrupt")
     _check_pair(clean_run, corrupt_run)
     base, src = (corrupt_run, clean_run) if direction == "denoise" else (clean_run, corrupt_run)
@@ -399,7 +436,7 @@ def patch(lens, clean, corrupt, names, *, positions=None, heads: Sequence[int] |
     src_m, base_m = _metric_values(metric, src_out, 1, b)[0], _metric_values(metric, base_out, 1, b)[0]
     clean_m, corrupt_m = (src_m, base_m) if direction == "denoise" else (base_m, src_m)
 
-    windows = [tuple(names[i:i + window]) for i in range(len(names))]
+    windows = groups
     targets = []
     for w in windows:
         layers = [stack.layer_of(lens, n) for n in w] if ref is not None else [None]
@@ -447,6 +484,6 @@ def patch(lens, clean, corrupt, names, *, positions=None, heads: Sequence[int] |
 
     n_heads = max(1, len(head_list))
     per_example = values.reshape(len(windows), n_heads, len(masks), b).reshape(len(windows) * n_heads, len(masks), b)
-    return PatchResult(meta=provenance(lens, names, engine=engine), names=[w[0] for w in windows], heads=head_list,
+    return PatchResult(meta=provenance(lens, names, engine=engine), names=row_names, heads=head_list,
                        columns=labels, per_example=per_example, clean=clean_m, corrupt=corrupt_m,
                        direction=direction, window=window, method="patch")
