@@ -250,3 +250,21 @@ def test_diffusion_groups_and_errors(tiny_lens):
         vlm = tiny_lens("llava")
         c, k = _pair("llava", vlm)
         patch(vlm, c, k, "lm.blocks.0.resid_pre", metric=metrics.prob(1), branches=("cond",))
+
+
+def test_symmetric_token_replacement(tiny_lens):
+    from mmlens.methods import replace_tokens
+
+    lens = tiny_lens("llava")
+    clean, _ = _pair("llava", lens)
+    seq = clean["input_ids"].shape[1]
+    corrupt = replace_tokens(clean, {seq - 2: 7, seq - 3: [8, 9]})
+    assert corrupt["input_ids"][:, seq - 2].tolist() == [7, 7] and corrupt["input_ids"][:, seq - 3].tolist() == [8, 9]
+    assert torch.equal(corrupt["input_ids"][:, : seq - 3], clean["input_ids"][:, : seq - 3])
+    m = metrics.logit_diff(3, 5)
+    res = patch(lens, clean, corrupt, "lm.blocks.0.resid_pre", positions={"replaced": [seq - 3, seq - 2]}, metric=m)
+    torch.testing.assert_close(res.per_example[0, 0], res.clean, atol=1e-5, rtol=1e-5)  # restoring them all undoes it
+    with pytest.raises(ValueError, match="out of range"):
+        replace_tokens(clean, {seq: 1})
+    with pytest.raises(ValueError, match="one per example"):
+        replace_tokens(clean, {1: [1, 2, 3]})

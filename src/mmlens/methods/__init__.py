@@ -13,7 +13,7 @@ from .direct_effects import DirectEffectsResult, DirectLogitResult, direct_effec
 from .knockout import KnockoutResult, knockout
 from .logit_lens import JointLensResult, LogitLensResult, joint_lens, logit_lens
 from .attribution_patching import attribution_patching
-from .patching import Corruption, PatchResult, gaussian_noise, patch
+from .patching import Corruption, PatchResult, gaussian_noise, patch, replace_tokens
 from .neurons import (NeuronAttributionResult, NeuronWeightsResult, TopActivations, ablate_neurons,
                       neuron_attribution, neuron_logit_weights, top_activating)
 from .probes import (LinearProbe, LinearProbeConfig, PixelFeatures, PixelProbeResult, ProbeSweepResult,
@@ -24,7 +24,7 @@ from .steering import (SteeringSweepResult, SteeringVector, SteeringVectorConfig
 from .tuned_lens import TunedLens, TunedLensConfig, kl_to_final
 
 __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "JointLensResult", "KnockoutResult", "knockout", "LinearProbe",
-           "LinearProbeConfig", "LogitLensResult", "NeuronAttributionResult", "NeuronWeightsResult", "Corruption", "PatchResult", "attribution_patching", "gaussian_noise", "patch", "PixelFeatures",
+           "LinearProbeConfig", "LogitLensResult", "NeuronAttributionResult", "NeuronWeightsResult", "Corruption", "PatchResult", "attribution_patching", "gaussian_noise", "patch", "replace_tokens", "PixelFeatures",
            "PixelProbeResult", "ProbeSweepResult", "Result", "SteeringSweepResult", "SteeringVector", "SteeringVectorConfig", "steer", "steering", "steering_sweep", "task_vector", "TopActivations", "TunedLens", "TunedLensConfig",
            "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution",
            "joint_lens", "kl_to_final", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",

@@ -81,6 +81,26 @@ def gaussian_noise(lens, inputs: dict, positions, *, name: str | None = None, sc
                       f"Gaussian noise (sd {scale} x {std:.3g}) at {int(mask.sum())} positions of {name}")
 
 
+def replace_tokens(inputs: dict, replacements: Mapping[int, int | Sequence[int]]) -> dict:
+    """Symmetric token replacement (Zhang and Nanda 2024 prefer it to noise: the corrupt run stays in distribution):
+    a copy of `inputs` with `input_ids[:, position]` set to a token id (one for every example, or one per example).
+    Pair it with the unchanged inputs as clean / corrupt; the shapes stay equal by construction."""
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, Tensor):
+        raise ValueError("replace_tokens needs inputs with an input_ids tensor")
+    new = ids.clone()
+    seq = ids.shape[-1]
+    for pos, tok in replacements.items():
+        if not isinstance(pos, int) or not -seq <= pos < seq:
+            raise ValueError(f"replace_tokens: position {pos!r} is out of range for a sequence of {seq}")
+        t = torch.as_tensor(tok, dtype=ids.dtype).reshape(-1)
+        if t.numel() not in (1, ids.shape[0]):
+            raise ValueError(f"replace_tokens: {t.numel()} token ids at position {pos}; give one, or one per example "
+                             f"({ids.shape[0]})")
+        new[:, pos] = t
+    return {**inputs, "input_ids": new}
+
+
 # ------------------------------------------------------------------------------------------------------ result
 @dataclass(repr=False)
 class PatchResult(Result):
