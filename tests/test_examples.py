@@ -88,3 +88,13 @@ def test_attention_knockout(capsys):
     assert result["baseline"] == 1.0
     assert acc[:2, 0].min() < 0.95 and (acc[2:] == 1.0).all()
     assert "image->last" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("vlm" not in available(), reason="needs the shipped vlm organism")
+def test_activation_patching(capsys):
+    """The asked object's tokens carry the answer at block 0; from block 2 on the answer position does."""
+    result = runpy.run_path(str(EXAMPLES / "activation_patching.py"))["main"](n_pairs=8)
+    rec, col = result["recovery"], {c: k for k, c in enumerate(result["columns"])}
+    assert rec[0, col["object"]] > 0.5 and rec[2:, col["answer"]].min() > 0.8
+    assert rec[2:, col["object"]].max() < 0.2
+    assert "restored at" in capsys.readouterr().out
