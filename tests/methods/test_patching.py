@@ -268,3 +268,27 @@ def test_symmetric_token_replacement(tiny_lens):
         replace_tokens(clean, {seq: 1})
     with pytest.raises(ValueError, match="one per example"):
         replace_tokens(clean, {1: [1, 2, 3]})
+
+
+def test_out_of_memory_splits_the_chunk(tiny_lens, monkeypatch):
+    """A chunk that runs out of GPU memory is retried in halves, with the same values."""
+    from mmlens.methods import _replay
+
+    lens = tiny_lens("llava")
+    clean, corrupt = _pair("llava", lens)
+    m = metrics.logit_diff(3, 5)
+    want = patch(lens, clean, corrupt, "lm.blocks.*.resid_pre", positions=[1, 2, -1], metric=m)
+    real = _replay.run_from
+    sizes = []
+
+    def flaky(lens_, stack, ref, start, rows, p0, hooks):
+        sizes.append(len(rows))
+        if len(rows) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(lens_, stack, ref, start, rows, p0, hooks)
+
+    monkeypatch.setattr("mmlens.methods.patching.run_from", flaky)
+    monkeypatch.setattr("torch.cuda.empty_cache", lambda: None)
+    got = patch(lens, clean, corrupt, "lm.blocks.*.resid_pre", positions=[1, 2, -1], metric=m)
+    torch.testing.assert_close(got.per_example, want.per_example)
+    assert max(sizes) > 4 and sizes[-1] <= 4

@@ -483,24 +483,36 @@ def patch(lens, clean, corrupt, names, *, positions=None, heads: Sequence[int] |
 
     from tqdm.auto import tqdm
 
-    for idx in tqdm(chunks, desc="patch", disable=not progress):
+    def run_chunk(idx: list[int]) -> Tensor:
         chunk = [targets[i] for i in idx]
         k = len(chunk)
         if ref is not None and chunk[0].start is not None:
-            start = min(t.start for t in chunk)
             p0 = min(t.p0 for t in chunk)
             rows = torch.arange(b).repeat(k)
-            hooks = _patch_hooks(lens, chunk, masks, source, b, p0)
-            x = run_from(lens, stack, ref, start, rows, p0, hooks)
+            x = run_from(lens, stack, ref, min(t.start for t in chunk), rows, p0,
+                         _patch_hooks(lens, chunk, masks, source, b, p0))
             if lens.family == "generative":
-                ref_logits = ref.output.logits if p0 else None
-                out = _generative_output(lens, x, ref_logits, rows, p0, position)
+                out = _generative_output(lens, x, ref.output.logits if p0 else None, rows, p0, position)
             else:
                 out = _contrastive_output(lens, x, ref.output)
         else:
             hooks = _merge(base.hooks, _patch_hooks(lens, chunk, masks, source, b, 0))
             out, _ = lens.run_with_cache(_repeat(lens, base.inputs, k), names=[], hooks=hooks)
-        values[idx] = _metric_values(metric, out, k, b)
+        return _metric_values(metric, out, k, b)
+
+    def run_or_split(idx: list[int]) -> None:
+        """Out of GPU memory: the chunk runs in halves (the estimate in _auto_rows is rough)."""
+        try:
+            values[idx] = run_chunk(idx)
+        except torch.OutOfMemoryError:
+            if len(idx) == 1:
+                raise
+            torch.cuda.empty_cache()
+            run_or_split(idx[: len(idx) // 2])
+            run_or_split(idx[len(idx) // 2:])
+
+    for idx in tqdm(chunks, desc="patch", disable=not progress):
+        run_or_split(idx)
 
     n_heads = max(1, len(head_list))
     per_example = values.reshape(len(windows), n_heads, len(masks), b).reshape(len(windows) * n_heads, len(masks), b)
