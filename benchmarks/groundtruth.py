@@ -29,7 +29,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `scores` lives next 
 
 import torch  # noqa: E402
 from scores import (diffusion_lens, diffusion_patching, direct_effects, joint_lens, knockout, logit_lens, neurons,  # noqa: E402
-                    patching, pixel_probe, probes, tuned_lens)
+                    patching, pixel_probe, probes, steering, tuned_lens)
 
 # technique name -> its scoring function (benchmarks/scores/<name>.py)
 TECHNIQUES = {
@@ -45,6 +45,7 @@ TECHNIQUES = {
     "attribution_patching": patching.score_attribution,
     "knockout": knockout.score,
     "diffusion_patching": diffusion_patching.score,
+    "steering": steering.score,
 }
 
 

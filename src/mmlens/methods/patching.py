@@ -150,7 +150,7 @@ class PatchResult(Result):
         lim = float(v.abs().nan_to_num().max()) or 1.0
         im = ax.imshow(v.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
         ax.set_yticks(range(rows), self.row_labels, fontsize=6)
-        ax.set_xticks(range(cols), self.columns, fontsize=6, rotation=60 if cols > 6 else 0)
+        ax.set_xticks(range(cols), self.columns, fontsize=6, rotation=60 if cols > 3 else 0, ha="right" if cols > 3 else "center")
         what = "recovery (patched - corrupt) / (clean - corrupt)" if normalise else "metric"
         ax.set_title(f"{self.method} ({self.direction}): {what}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.04)
