@@ -13,43 +13,12 @@ from ._common import SEED, line
 
 
 def colour_pairs(n: int):
-    """(clean inputs, corrupt inputs, regions, metric) for n colour counterfactuals about one object."""
+    """(vlm, clean inputs, corrupt inputs, regions, metric) for n colour counterfactuals about one object."""
     import mmlens.organisms as organisms
-    from mmlens import metrics
-    from mmlens.organisms.prompts import vlm_inputs
-    from mmlens.world.pairs import counterfactual_pair
+    from mmlens.organisms.prompts import colour_counterfactuals
 
     vlm = organisms.load("vlm")
-    tok = vlm.processor.tokenizer
-    pairs, seed = [], SEED + 80_000
-    while len(pairs) < n:
-        clean, corrupt = counterfactual_pair(seed, "colour", background=None)
-        seed += 1
-        i = corrupt.meta["changed_object"]
-        if [o.shape for o in clean.objects].count(clean.objects[i].shape) == 1:
-            pairs.append((clean, corrupt, i))
-    questions = [f"what colour is the {c.objects[i].shape} ?" for c, _, i in pairs]
-    clean_in = vlm_inputs(vlm, [p[0] for p in pairs], questions)
-    corrupt_in = vlm_inputs(vlm, [p[1] for p in pairs], questions)
-    tm = vlm.token_map(clean_in)
-    regions = {"object": [], "other objects": [], "rest of image": [], "question": [], "answer": []}
-    last = clean_in["input_ids"].shape[1] - 1
-    for b, (c, _, i) in enumerate(pairs):
-        obj = set(tm.positions_in_mask(c.masks[i], batch=b).tolist())
-        others = set()
-        for j in range(len(c.objects)):
-            if j != i:
-                others |= set(tm.positions_in_mask(c.masks[j], batch=b).tolist())
-        image = set(tm.positions("image", batch=b).tolist())
-        text = [p for p in tm.positions("text", batch=b).tolist() if p != last]
-        regions["object"].append(sorted(obj))
-        regions["other objects"].append(sorted(others - obj))
-        regions["rest of image"].append(sorted(image - obj - others))
-        regions["question"].append(text)
-        regions["answer"].append([last])
-    ids = lambda scenes: torch.tensor([tok.convert_tokens_to_ids(s.objects[i].colour) for s, i in scenes])  # noqa: E731
-    metric = metrics.logit_diff(ids([(c, i) for c, _, i in pairs]), ids([(k, i) for _, k, i in pairs]))
-    return vlm, clean_in, corrupt_in, regions, metric
+    return (vlm, *colour_counterfactuals(vlm, n, seed=SEED + 80_000))
 
 
 def score(n: int = 32) -> list[dict]:

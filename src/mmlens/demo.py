@@ -12,16 +12,14 @@ import numpy as np
 import torch
 
 from . import organisms
-from . import metrics
 from .hooks.tokens import MODALITIES
 from .methods import (SteeringVector, TunedLens, attribution_patching, diffusion_lens, diffusion_probe_features,
                       joint_lens, knockout, logit_lens, neuron_attribution, patch, pixel_probe, probe_features,
                       probe_sweep, steering_sweep, top_activating)
-from .organisms.prompts import PROMPTS, answer_first_tokens, vlm_inputs
+from .organisms.prompts import PROMPTS, answer_first_tokens, colour_counterfactuals, vlm_inputs
 from .viz.report import Report
 from .world import make_scene, single_object_scene
 from .world.judge import object_mask
-from .world.pairs import counterfactual_pair
 from .world.scene import SHAPES
 
 FAMILIES = {"contrastive": "clip", "generative": "vlm", "diffusion": "diffusion"}  # family -> organism
@@ -161,46 +159,11 @@ def _diffusion(report: Report, lens, quick: bool = False) -> object:
     return cache
 
 
-def _colour_pairs(lens, n: int, seed: int = 10_000_800):
-    """n colour counterfactuals (one object's colour changed, every other pixel equal), "what colour is the {shape}
-    ?" about it: (clean inputs, corrupt inputs, regions per example, logit(clean colour) - logit(corrupt colour))."""
-    pairs = []
-    while len(pairs) < n:
-        clean, corrupt = counterfactual_pair(seed, "colour", background=None)
-        seed += 1
-        i = corrupt.meta["changed_object"]
-        if [o.shape for o in clean.objects].count(clean.objects[i].shape) == 1:
-            pairs.append((clean, corrupt, i))
-    questions = [f"what colour is the {c.objects[i].shape} ?" for c, _, i in pairs]
-    clean_in = vlm_inputs(lens, [p[0] for p in pairs], questions)
-    corrupt_in = vlm_inputs(lens, [p[1] for p in pairs], questions)
-    tm = lens.token_map(clean_in)
-    last = clean_in["input_ids"].shape[1] - 1
-    regions = {"object": [], "other objects": [], "rest of image": [], "question": [], "answer": []}
-    for b, (c, _, i) in enumerate(pairs):
-        obj = set(tm.positions_in_mask(c.masks[i], batch=b).tolist())
-        others = set()
-        for j in range(len(c.objects)):
-            if j != i:
-                others |= set(tm.positions_in_mask(c.masks[j], batch=b).tolist())
-        image = set(tm.positions("image", batch=b).tolist())
-        regions["object"].append(sorted(obj))
-        regions["other objects"].append(sorted(others - obj))
-        regions["rest of image"].append(sorted(image - obj - others))
-        regions["question"].append([p for p in tm.positions("text", batch=b).tolist() if p != last])
-        regions["answer"].append([last])
-    tok = lens.processor.tokenizer
-    clean_ids = torch.tensor(tok.convert_tokens_to_ids([c.objects[i].colour for c, _, i in pairs]))
-    corrupt_ids = torch.tensor(tok.convert_tokens_to_ids([k.objects[i].colour for _, k, i in pairs]))
-    metric = metrics.logit_diff(clean_ids, corrupt_ids)
-    return clean_in, corrupt_in, regions, metric
-
-
 def _causal(report: Report, lens, quick: bool = False) -> None:
     """Interventions on the vlm organism: activation patching, its attribution estimate, attention knockout and a
     steering vector, each on held-out world scenes."""
     n = 8 if quick else 16
-    clean, corrupt, regions, metric = _colour_pairs(lens, n)
+    clean, corrupt, regions, metric = colour_counterfactuals(lens, n, seed=10_000_800)
     res = patch(lens, clean, corrupt, "lm.blocks.*.resid_pre", positions=regions, metric=metric)
     rec = res.recovery()
     col = {c: k for k, c in enumerate(res.columns)}

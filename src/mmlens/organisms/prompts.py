@@ -71,3 +71,44 @@ def answer_first_tokens(lens, scenes: Sequence, questions: Sequence[str]) -> lis
     the logits at the ':' of 'answer :' (the last position of `vlm_inputs`)."""
     logits = lens(vlm_inputs(lens, scenes, questions)).logits[:, -1]
     return lens.processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+
+
+def colour_counterfactuals(lens, n: int, seed: int):
+    """n colour counterfactuals for the vlm organism (the world's `counterfactual_pair`: one object's colour changed,
+    every other pixel equal), asked "what colour is the {shape} ?" about that object (its shape unique in the scene).
+
+    Returns (clean inputs, corrupt inputs, regions, metric): regions per example from the ground-truth masks through
+    the token map ("object", "other objects", "rest of image", "question", "answer"), and the metric
+    logit(clean colour) - logit(corrupt colour) at the answer, ready for `methods.patch`."""
+    from .. import metrics
+    from ..world.pairs import counterfactual_pair
+
+    pairs = []
+    while len(pairs) < n:
+        clean, corrupt = counterfactual_pair(seed, "colour", background=None)
+        seed += 1
+        i = corrupt.meta["changed_object"]
+        if [o.shape for o in clean.objects].count(clean.objects[i].shape) == 1:
+            pairs.append((clean, corrupt, i))
+    questions = [f"what colour is the {c.objects[i].shape} ?" for c, _, i in pairs]
+    clean_in = vlm_inputs(lens, [p[0] for p in pairs], questions)
+    corrupt_in = vlm_inputs(lens, [p[1] for p in pairs], questions)
+    tm = lens.token_map(clean_in)
+    last = clean_in["input_ids"].shape[1] - 1
+    regions: dict[str, list] = {"object": [], "other objects": [], "rest of image": [], "question": [], "answer": []}
+    for b, (c, _, i) in enumerate(pairs):
+        obj = set(tm.positions_in_mask(c.masks[i], batch=b).tolist())
+        others = set()
+        for j in range(len(c.objects)):
+            if j != i:
+                others |= set(tm.positions_in_mask(c.masks[j], batch=b).tolist())
+        image = set(tm.positions("image", batch=b).tolist())
+        regions["object"].append(sorted(obj))
+        regions["other objects"].append(sorted(others - obj))
+        regions["rest of image"].append(sorted(image - obj - others))
+        regions["question"].append([p for p in tm.positions("text", batch=b).tolist() if p != last])
+        regions["answer"].append([last])
+    tok = _processor(lens).tokenizer
+    ids = lambda scenes: torch.tensor(tok.convert_tokens_to_ids([s.objects[i].colour for s, i in scenes]))  # noqa: E731
+    metric = metrics.logit_diff(ids([(c, i) for c, _, i in pairs]), ids([(k, i) for _, k, i in pairs]))
+    return clean_in, corrupt_in, regions, metric
