@@ -4,6 +4,7 @@ block input written into the corrupt run at one position, as nnsight's activatio
 from __future__ import annotations
 
 import torch
+from nnsight_saver import _walk  # benchmarks/ is on sys.path when patching.py runs
 
 
 def make_nnsight_loop(model, clean, corrupt, blocks, targets, src, metric):
@@ -25,8 +26,3 @@ def make_nnsight_loop(model, clean, corrupt, blocks, targets, src, metric):
 
     return run
 
-
-def _walk(envoy, path: str):
-    for part in path.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return envoy

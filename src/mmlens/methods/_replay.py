@@ -148,12 +148,12 @@ class PrefixKV:
         self.kv, self.rows, self.p0 = kv, rows, p0
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        k, v = self.kv[layer_idx]
-        pk = k[..., : self.p0, :].index_select(0, self.rows.to(k.device)) if k.shape[0] > 1 else \
-            k[..., : self.p0, :].expand(len(self.rows), -1, -1, -1)
-        pv = v[..., : self.p0, :].index_select(0, self.rows.to(v.device)) if v.shape[0] > 1 else \
-            v[..., : self.p0, :].expand(len(self.rows), -1, -1, -1)
-        return torch.cat([pk.to(key.dtype), key], dim=-2), torch.cat([pv.to(value.dtype), value], dim=-2)
+        return tuple(torch.cat([self._prefix(ref).to(new.dtype), new], dim=-2)
+                     for ref, new in zip(self.kv[layer_idx], (key, value)))
+
+    def _prefix(self, t: Tensor) -> Tensor:
+        t = t[..., : self.p0, :]
+        return t.index_select(0, self.rows.to(t.device)) if t.shape[0] > 1 else t.expand(len(self.rows), -1, -1, -1)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.p0

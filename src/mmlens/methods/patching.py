@@ -348,7 +348,7 @@ def _generative_output(lens, x: Tensor, ref_logits: Tensor | None, rows: Tensor,
     return _Output(logits=lg)
 
 
-def _auto_rows(lens, seq: int, replay: bool) -> int:
+def _auto_rows(lens, seq: int) -> int:
     """Rows per forward: on CUDA what half the free memory holds at a rough per-row activation cost, on CPU 64
     (larger batches stop paying there)."""
     if lens.device.type != "cuda":
@@ -466,7 +466,7 @@ def patch(lens, clean, corrupt, names, *, positions=None, heads: Sequence[int] |
                 p0 = int(m.any(0).nonzero()[0]) if (m is not None and ref is not None and ref.causal) else 0
                 targets.append(_Target(w, c, h, start, p0))
     order = sorted(range(len(targets)), key=lambda i: (targets[i].start is None, targets[i].start or 0, targets[i].p0))
-    rows_per = batch_size or _auto_rows(lens, seq, ref is not None)
+    rows_per = batch_size or _auto_rows(lens, seq)
     per_chunk = 1 if engine == "loop" else max(1, rows_per // b)
     position = getattr(metric, "position", None)
     values = torch.empty(len(targets), b)
