@@ -292,3 +292,19 @@ def test_out_of_memory_splits_the_chunk(tiny_lens, monkeypatch):
     got = patch(lens, clean, corrupt, "lm.blocks.*.resid_pre", positions=[1, 2, -1], metric=m)
     torch.testing.assert_close(got.per_example, want.per_example)
     assert max(sizes) > 4 and sizes[-1] <= 4
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_metric_at_a_positive_position_equals_loop(tiny_lens, where):
+    """A metric reading position p (counted from the start) sees p's logits under replay, whether p lies after the
+    patched positions (unembedded from the replay) or before them (the reference's logits)."""
+    lens = tiny_lens("llava")
+    clean, corrupt = _pair("llava", lens)
+    seq = clean["input_ids"].shape[1]
+    read, patched = (seq - 2, [seq - 4, seq - 3]) if where == "after" else (seq - 5, [seq - 2])
+    m = metrics.logit_diff(3, 5, position=read)
+    fast = patch(lens, clean, corrupt, "lm.blocks.*.resid_pre", positions=patched, metric=m, engine="replay")
+    slow = patch(lens, clean, corrupt, "lm.blocks.*.resid_pre", positions=patched, metric=m, engine="loop")
+    torch.testing.assert_close(fast.per_example, slow.per_example, atol=1e-5, rtol=1e-5)
+    if where == "before":  # a patch after the read position cannot change it
+        torch.testing.assert_close(fast.per_example, fast.corrupt.expand_as(fast.per_example))

@@ -234,7 +234,8 @@ def _slice_output(out, lo: int, hi: int, n: int):
 
 
 class _Output(dict):
-    """What a metric sees from a replayed run: `logits` (rows, seq or 1, vocab) of a generative VLM, or
+    """What a metric sees from a replayed run: `logits` (rows, seq, vocab) of a generative VLM (for a metric with a
+    `position`, a broadcast view of that position's row: reading another position is not supported), or
     `logits_per_image` (rows, texts) and `image_embeds` of a contrastive model; attribute or key access."""
 
     __getattr__ = dict.get
@@ -340,8 +341,11 @@ def _generative_output(lens, x: Tensor, ref_logits: Tensor | None, rows: Tensor,
     if position is not None:
         pos = position % seq
         if pos >= p0:
-            return _Output(logits=lens.unembed(x[:, pos - p0: pos - p0 + 1]))
-        return _Output(logits=ref_logits[:, pos: pos + 1].index_select(0, rows.to(ref_logits.device)))
+            lg = lens.unembed(x[:, pos - p0: pos - p0 + 1])
+        else:
+            lg = ref_logits[:, pos: pos + 1].index_select(0, rows.to(ref_logits.device))
+        # a (rows, seq, vocab) view of the one row: the metric indexes `position` as it would a full output
+        return _Output(logits=lg.expand(lg.shape[0], seq, lg.shape[-1]))
     lg = lens.unembed(x)
     if p0:
         lg = torch.cat([ref_logits[:, :p0].index_select(0, rows.to(ref_logits.device)).to(lg.dtype), lg], dim=1)
