@@ -28,8 +28,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `scores` lives next 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from scores import (diffusion_lens, diffusion_patching, direct_effects, joint_lens, knockout, logit_lens, neurons,  # noqa: E402
-                    patching, pixel_probe, probes, steering, tuned_lens)
+from scores import (diffusion_lens, dissection, diffusion_patching, direct_effects, joint_lens, knockout, logit_lens, neurons,  # noqa: E402
+                    patching, pixel_probe, probes, steering, textspan, tuned_lens, word_maps)
 
 # technique name -> its scoring function (benchmarks/scores/<name>.py)
 TECHNIQUES = {
@@ -46,6 +46,9 @@ TECHNIQUES = {
     "knockout": knockout.score,
     "diffusion_patching": diffusion_patching.score,
     "steering": steering.score,
+    "textspan": textspan.score,
+    "dissection": dissection.score,
+    "word_maps": word_maps.score,
 }
 
 

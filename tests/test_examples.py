@@ -98,3 +98,22 @@ def test_activation_patching(capsys):
     assert rec[0, col["object"]] > 0.5 and rec[2:, col["answer"]].min() > 0.8
     assert rec[2:, col["object"]].max() < 0.2
     assert "restored at" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("clip" not in available(), reason="needs the shipped clip organism")
+def test_textspan_example(capsys):
+    """Some head is named by colours, another by shapes; SpLiCE's two heaviest concepts name the object."""
+    result = runpy.run_path(str(EXAMPLES / "textspan.py"))["main"](n=48)
+    assert {"colour", "shape"} <= set(result["labels"].values())
+    assert result["hit_rate"] >= 0.8 and float(result["splice"].l0().mean()) <= 4
+    assert "top-2 concepts are the object's colour and shape" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("clip" not in available(), reason="needs the shipped clip organism")
+def test_network_dissection_example(capsys):
+    """The best 'red' unit by NetDissect's IoU is 'red' to CLIP-Dissect too and really prefers red scenes."""
+    result = runpy.run_path(str(EXAMPLES / "network_dissection.py"))["main"]()
+    assert result["said"] == "red" and result["red_selectivity"] > 1.0 and result["red_unit"][2] > 0.2
+    assert min(result["agree"].values()) > 0.2
+    assert result["maps"].maps.shape == (4, 1, 48, 48)
+    assert "CLIP-Dissect and NetDissect agree" in capsys.readouterr().out

@@ -9,6 +9,8 @@ never `world`, `organisms` or `testing`: the scoring in `benchmarks/groundtruth.
 """
 
 from .diffusion_lens import DiffusionLensResult, diffusion_lens
+from .dissection import (DissectionResult, clip_dissect, image_activations, labeller_similarities, net_dissect,
+                         unit_maps)
 from .direct_effects import DirectEffectsResult, DirectLogitResult, direct_effects, direct_logit_attribution
 from .knockout import KnockoutResult, knockout
 from .logit_lens import JointLensResult, LogitLensResult, joint_lens, logit_lens
@@ -18,14 +20,22 @@ from .neurons import (NeuronAttributionResult, NeuronWeightsResult, TopActivatio
                       neuron_attribution, neuron_logit_weights, top_activating)
 from .probes import (LinearProbe, LinearProbeConfig, PixelFeatures, PixelProbeResult, ProbeSweepResult,
                      diffusion_probe_features, pixel_probe, probe_features, probe_sweep)
+from .maps import MapResult
 from .result import Result, provenance
+from .splice import SpliceResult, image_embeddings, nonneg_lasso, splice
 from .steering import (SteeringSweepResult, SteeringVector, SteeringVectorConfig, steer, steering,
                        steering_sweep, task_vector)
+from .textspan import TextSpanResult, encode_texts, text_segmentation, textspan
 from .tuned_lens import TunedLens, TunedLensConfig, kl_to_final
+from .word_maps import WordMapResult, word_maps
 
 __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "JointLensResult", "KnockoutResult", "knockout", "LinearProbe",
            "LinearProbeConfig", "LogitLensResult", "NeuronAttributionResult", "NeuronWeightsResult", "Corruption", "PatchResult", "attribution_patching", "gaussian_noise", "patch", "replace_tokens", "PixelFeatures",
            "PixelProbeResult", "ProbeSweepResult", "Result", "SteeringSweepResult", "SteeringVector", "SteeringVectorConfig", "steer", "steering", "steering_sweep", "task_vector", "TopActivations", "TunedLens", "TunedLensConfig",
            "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution",
            "joint_lens", "kl_to_final", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",
-           "probe_sweep", "provenance", "top_activating"]
+           "probe_sweep", "provenance", "top_activating",
+           "MapResult", "WordMapResult", "word_maps",
+           "DissectionResult", "clip_dissect", "image_activations", "labeller_similarities", "net_dissect", "unit_maps",
+           "SpliceResult", "TextSpanResult", "encode_texts", "image_embeddings", "nonneg_lasso", "splice",
+           "text_segmentation", "textspan"]
