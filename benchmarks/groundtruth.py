@@ -29,7 +29,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `scores` lives next 
 
 import torch  # noqa: E402
 from scores import (diffusion_lens, dissection, diffusion_patching, direct_effects, joint_lens, knockout, logit_lens, neurons,  # noqa: E402
-                    patching, pixel_probe, probes, steering, textspan, tuned_lens, word_maps)
+                    patching, pixel_probe, probes, relevancy, steering, textspan, tuned_lens, word_maps)
 
 # technique name -> its scoring function (benchmarks/scores/<name>.py)
 TECHNIQUES = {
@@ -48,6 +48,7 @@ TECHNIQUES = {
     "steering": steering.score,
     "textspan": textspan.score,
     "dissection": dissection.score,
+    "relevancy": relevancy.score,
     "word_maps": word_maps.score,
 }
 

@@ -39,19 +39,24 @@ def test_cli_demo_quick_runs_every_section(tmp_path):
     html = (tmp_path / "index.html").read_text()
     assert "data:image/png;base64," in html and "vision.blocks.{0.." in html and ".resid_post" in html
     sections = html.split("<h2>")[1:]
-    assert [s.split(":")[0] for s in sections] == ["contrastive", "generative", "diffusion", "causal"]
-    contrastive, generative, diffusion, causal = sections
+    assert [s.split(":")[0] for s in sections] == ["contrastive", "generative", "diffusion", "causal",
+                                                   "multimodal-native"]
+    contrastive, generative, diffusion, causal, native = sections
     assert contrastive.startswith("contrastive: CLIPModel") and "zero-shot classification" in contrastive
     assert generative.startswith("generative: LlavaForConditionalGeneration")
     assert "attending to image patches" in generative
     assert "lm.blocks.{0..3}.attn.pattern" in generative
     assert diffusion.startswith("diffusion: StableDiffusionPipeline") and "judged by the world" in diffusion
-    assert ".cross.pattern per prompt word" in diffusion and "unet.up." in diffusion
+    assert "unet.up." in diffusion
     assert causal.startswith("causal: interventions on the `vlm` organism")
     for title in ("activation patching: recovery", "attribution patching: estimated", "attention knockout:",
                   "steering: P(&#x27;red&#x27;)"):
         assert title in causal, title
     assert causal.count("data:image/png;base64,") == 4 and "correlate with exact patching at r = " in causal
+    for title in ("TextSpan: each head", "SpLiCE: sparse concept codes", "network dissection (CLIP-Dissect)",
+                  "word maps: where each prompt word acts", "zero-shot segmenter"):
+        assert title in native, title
+    assert "The shape word&#x27;s map against the object the judge finds: mIoU" in native
 
 
 def test_demo_without_an_organism_names_the_command_that_trains_it(tmp_path, monkeypatch):

@@ -117,3 +117,12 @@ def test_network_dissection_example(capsys):
     assert min(result["agree"].values()) > 0.2
     assert result["maps"].maps.shape == (4, 1, 48, 48)
     assert "CLIP-Dissect and NetDissect agree" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("vlm" not in available(), reason="needs the shipped vlm organism")
+def test_relevancy_maps(capsys):
+    """The answer logit's relevancy and IG peak on the asked object more often than chance (its area)."""
+    result = runpy.run_path(str(EXAMPLES / "relevancy_maps.py"))["main"](n_scenes=8)
+    hits = result["pointing_game"]
+    assert hits["integrated_gradients"] >= 0.75 and hits["chefer"] > 2 * result["chance"]
+    assert "pointing game" in capsys.readouterr().out

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import organisms
+from .demo_native import native_section
 from .hooks.tokens import MODALITIES
 from .methods import (SteeringVector, TunedLens, attribution_patching, diffusion_lens, diffusion_probe_features,
                       joint_lens, knockout, logit_lens, neuron_attribution, patch, pixel_probe, probe_features,
@@ -133,19 +134,6 @@ def _diffusion(report: Report, lens, quick: bool = False) -> object:
     verdicts = [classify((im * 255).round().astype(np.uint8)) for im in out.images]
     report.figure(_fig(list(out.images), [f"{p}\njudge: {c} {s}" for p, (c, s) in zip(prompts, verdicts)]),
                   "samples, judged by the world's pixel judge")
-    # the decoder's finest cross-attention (which up block holds it depends on the UNet's layout)
-    name = max((n for n in cache if n.startswith("unet.up.") and n.endswith(".cross.pattern")),
-               key=lambda n: cache.get(n, step=cache.steps[-1]).shape[2])
-    probs = cache.get(name, step=cache.steps[-1], branch="cond")  # (prompts, heads, hw, text tokens)
-    side = int(probs.shape[2] ** 0.5)
-    tok = lens.model.tokenizer
-    maps, titles = [], []
-    for k, p in enumerate(prompts[:2]):
-        words = tok.convert_ids_to_tokens(tok(p)["input_ids"])
-        for j, w in enumerate(words[1:4], start=1):
-            maps.append(_grid_map(probs[k, :, :, j].mean(0), side))
-            titles.append(f"{p}: '{w}'")
-    report.figure(_fig(maps, titles), f"{name} per prompt word, last step, cond branch (DAAM-style)")
     report.table([{"step": s, "timestep": round(t, 1)} for s, t in cache.timesteps.items()], max_rows=6)
     dl = diffusion_lens(lens, prompts, num_inference_steps=4 if quick else 12, guidance_scale=1.5, height=size,
                         width=size, generator=torch.Generator().manual_seed(0))
@@ -277,5 +265,11 @@ def run_demo(out: str | os.PathLike = "mmlens-report", quick: bool = False) -> P
                 "restore activations from another run (patching), cut attention edges (knockout), add a direction "
                 "(steering).")
     _causal(report, organisms.load("vlm"), quick)
+    report.text(f"section time {time.perf_counter() - t0:.2f} s")
+    t0 = time.perf_counter()
+    report.heading("multimodal-native: techniques for models that see images")
+    report.text("Text explanations of image-tower heads and embeddings, unit labels, and where each prompt word acts "
+                "in a generated image.")
+    native_section(report, quick)
     report.text(f"section time {time.perf_counter() - t0:.2f} s")
     return report.save(out / "index.html")

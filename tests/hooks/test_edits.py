@@ -28,6 +28,33 @@ def test_output_edit_equals_plain_forward_hook(tiny_lens):
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
+def test_edit_reaches_hidden_states_the_model_reads(tiny_lens):
+    """LLaVA reads its image features from the vision tower's `hidden_states[vision_feature_layer]`, which
+    transformers records with forward hooks of its own, installed once at the first forward. An edit of that layer's
+    output must reach the features (the truth: a plain hook that runs before transformers' recorder)."""
+    lens = tiny_lens("llava")
+    inputs = sample_inputs("llava", lens)
+    base = lens(inputs).logits  # the recorders are installed by now
+    n = len(lens.model.model.vision_tower.encoder.layers)
+    i = lens.model.config.vision_feature_layer % (n + 1) - 1  # the block whose output is read
+    layer = lens.model.model.vision_tower.encoder.layers[i]
+
+    def edit(x):
+        return x * 0.0 + 1.0
+
+    handle = layer.register_forward_hook(lambda m, a, out: edit(out) if torch.is_tensor(out) else (edit(out[0]),) + out[1:],
+                                         prepend=True)
+    try:
+        ref = lens(inputs).logits
+    finally:
+        handle.remove()
+    assert not torch.allclose(ref, base)
+    with lens.hooks({f"vision.blocks.{i}.resid_post": lambda x, ctx: edit(x)}):
+        out = lens(inputs).logits
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(lens(inputs).logits, base, atol=0, rtol=0)  # and nothing stays behind
+
+
 def test_input_edit_equals_plain_pre_hook(tiny_lens):
     """mlp.post is the input of down_proj: a pre-hook zeroing neuron 7 is the reference."""
     lens = tiny_lens("llava")

@@ -93,6 +93,7 @@ class HookSession:
             site = self.sites[name]
             if site.row.read == "out":
                 self._handles.append(site.module.register_forward_hook(self._out_hook(site), with_kwargs=True))
+                _recorders_last(site.module)
             elif site.row.read == "in":
                 self._handles.append(site.module.register_forward_pre_hook(self._in_hook(site), with_kwargs=True))
             else:
@@ -154,3 +155,14 @@ class HookSession:
             return None
 
         return hook
+
+
+def _recorders_last(module: torch.nn.Module) -> None:
+    """transformers 5 records `hidden_states` (and attentions) with forward hooks of its own, installed once at the
+    first forward that asks for them, so usually before ours: LLaVA then read `hidden_states[vision_feature_layer]`
+    as recorded before an edit, and the edit of that layer was lost. Its recorders move behind ours, so they record
+    what the edit made, as the next layer sees it. (Reordering `_forward_hooks` is what torch's own `prepend` does.)"""
+    hooks = module._forward_hooks
+    for key, fn in list(hooks.items()):
+        if getattr(fn, "__name__", "") == "output_capturing_hook":
+            hooks.move_to_end(key)

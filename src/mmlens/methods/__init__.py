@@ -12,6 +12,7 @@ from .diffusion_lens import DiffusionLensResult, diffusion_lens
 from .dissection import (DissectionResult, clip_dissect, image_activations, labeller_similarities, net_dissect,
                          unit_maps)
 from .direct_effects import DirectEffectsResult, DirectLogitResult, direct_effects, direct_logit_attribution
+from .gradient_maps import GradientMapResult, gradient_map
 from .knockout import KnockoutResult, knockout
 from .logit_lens import JointLensResult, LogitLensResult, joint_lens, logit_lens
 from .attribution_patching import attribution_patching
@@ -21,6 +22,7 @@ from .neurons import (NeuronAttributionResult, NeuronWeightsResult, TopActivatio
 from .probes import (LinearProbe, LinearProbeConfig, PixelFeatures, PixelProbeResult, ProbeSweepResult,
                      diffusion_probe_features, pixel_probe, probe_features, probe_sweep)
 from .maps import MapResult
+from .relevancy import RelevancyResult, relevancy
 from .result import Result, provenance
 from .splice import SpliceResult, image_embeddings, nonneg_lasso, splice
 from .steering import (SteeringSweepResult, SteeringVector, SteeringVectorConfig, steer, steering,
@@ -35,7 +37,7 @@ __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "J
            "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution",
            "joint_lens", "kl_to_final", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",
            "probe_sweep", "provenance", "top_activating",
-           "MapResult", "WordMapResult", "word_maps",
+           "MapResult", "WordMapResult", "word_maps", "GradientMapResult", "RelevancyResult", "gradient_map", "relevancy",
            "DissectionResult", "clip_dissect", "image_activations", "labeller_similarities", "net_dissect", "unit_maps",
            "SpliceResult", "TextSpanResult", "encode_texts", "image_embeddings", "nonneg_lasso", "splice",
            "text_segmentation", "textspan"]
