@@ -126,3 +126,13 @@ def test_relevancy_maps(capsys):
     hits = result["pointing_game"]
     assert hits["integrated_gradients"] >= 0.75 and hits["chefer"] > 2 * result["chance"]
     assert "pointing game" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("clip" not in available(), reason="needs the shipped clip organism")
+def test_feature_visualization_example(capsys):
+    """The 'red' direction's visualisations are judged red, and so are the world images it ranks first."""
+    result = runpy.run_path(str(EXAMPLES / "feature_visualization.py"))["main"]()
+    assert result["colours"] == ["red", "red"]
+    assert result["top_colours"].count("red") >= 5
+    assert min(result["rise"]) > 0
+    assert "the judge's colour" in capsys.readouterr().out

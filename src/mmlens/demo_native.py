@@ -40,6 +40,13 @@ def _contrastive(report: Report, clip, quick: bool) -> None:
                 f"embeddings: {float(sp.l0().mean()):.1f} concepts per image on average, reconstruction cosine "
                 f"{float(sp.cosine.mean()):.2f}; first image: {sp.top(0, 3)}.")
     sp.to_report(report, "SpLiCE: sparse concept codes of held-out single-object scenes")
+    from .methods import direction, encode_texts, visualize  # Olah et al. 2017: the image that most excites 'red'
+
+    red = encode_texts(clip, {"red": WORDS["red"]})[1][0]
+    fv = visualize(clip, direction("vision.proj", red), steps=48 if quick else 128, n=2 if quick else 4,
+                   dataset=[s.image for s in scenes + [single_object_scene(10_000_760 + k) for k in range(12)]], k=4)
+    fv.to_report(report, "feature visualisation: the image that most excites the 'red' direction of the joint "
+                         "space, beside the held-out scenes that do")
     ds = [single_object_scene(10_000_800 + k) for k in range(48 if quick else 160)]
     clip_dissect(clip, np.stack([s.image for s in ds]), WORDS, labeller=clip, similarity_kwargs={"top_k": 10},
                  progress=False).to_report(report, "network dissection (CLIP-Dissect): the concept each image-tower "

@@ -12,6 +12,8 @@ from .diffusion_lens import DiffusionLensResult, diffusion_lens
 from .dissection import (DissectionResult, clip_dissect, image_activations, labeller_similarities, net_dissect,
                          unit_maps)
 from .direct_effects import DirectEffectsResult, DirectLogitResult, direct_effects, direct_logit_attribution
+from .feature_viz import (DatasetExamples, FeatureVizResult, Objective, custom, dataset_examples, direction, unit,
+                          visualize)
 from .gradient_maps import GradientMapResult, gradient_map
 from .knockout import KnockoutResult, knockout
 from .logit_lens import JointLensResult, LogitLensResult, joint_lens, logit_lens
@@ -37,6 +39,8 @@ __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "J
            "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution",
            "joint_lens", "kl_to_final", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",
            "probe_sweep", "provenance", "top_activating",
+           "DatasetExamples", "FeatureVizResult", "Objective", "custom", "dataset_examples", "direction", "unit",
+           "visualize",
            "MapResult", "WordMapResult", "word_maps", "GradientMapResult", "RelevancyResult", "gradient_map", "relevancy",
            "DissectionResult", "clip_dissect", "image_activations", "labeller_similarities", "net_dissect", "unit_maps",
            "SpliceResult", "TextSpanResult", "encode_texts", "image_embeddings", "nonneg_lasso", "splice",
