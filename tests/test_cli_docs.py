@@ -55,7 +55,7 @@ def test_cli_demo_quick_runs_every_section(tmp_path):
     assert causal.count("data:image/png;base64,") == 4 and "correlate with exact patching at r = " in causal
     for title in ("TextSpan: each head", "SpLiCE: sparse concept codes", "network dissection (CLIP-Dissect)",
                   "word maps: where each prompt word acts", "zero-shot segmenter", "feature visualisation:",
-                  "relevancy of the answer", "integrated gradients of the answer"):
+                  "relevancy of the answer", "integrated gradients of the answer", "training-data attribution (TRAK)"):
         assert title in native, title
     assert "The shape word&#x27;s map against the object the judge finds: mIoU" in native
 

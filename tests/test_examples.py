@@ -136,3 +136,14 @@ def test_feature_visualization_example(capsys):
     assert result["top_colours"].count("red") >= 5
     assert min(result["rise"]) > 0
     assert "the judge's colour" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("clip" not in available(), reason="needs the shipped clip organism")
+def test_data_attribution_example(capsys):
+    """A rerun on the store skips every shard (identical features); training images used as targets rank themselves
+    first; the top examples of new images share their class above chance."""
+    result = runpy.run_path(str(EXAMPLES / "data_attribution.py"))["main"]()
+    assert result["identical"] and result["rerun_seconds"] < 2.0
+    assert result["self_top1"] == 1.0
+    assert result["same_class"]["baseline"] > 0.3 and result["same_class"]["trak"] > 2 / 24
+    assert "rank themselves first" in capsys.readouterr().out

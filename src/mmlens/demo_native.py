@@ -47,6 +47,20 @@ def _contrastive(report: Report, clip, quick: bool) -> None:
                    dataset=[s.image for s in scenes + [single_object_scene(10_000_760 + k) for k in range(12)]], k=4)
     fv.to_report(report, "feature visualisation: the image that most excites the 'red' direction of the joint "
                          "space, beside the held-out scenes that do")
+    from .methods import TRAK, contrastive_margin  # which training images support each answer (Park et al. 2023)
+    from .organisms.data import single_object_pool
+
+    train, imgs = single_object_pool(32 if quick else 64, 0, 48)
+    batch = dict(clip.processor(text=PROMPTS, images=list(imgs), return_tensors="pt", padding=True))
+    batch["labels"] = torch.tensor([PROMPTS.index(s.short_caption) for s in train])
+    trak = TRAK(proj_dim=128, damping=0.1, weighting=False, params=["visual_projection.weight"])
+    trak.fit(clip, [batch], contrastive_margin, progress=False)
+    query = dict(clip.processor(text=PROMPTS, images=[s.pil() for s in scenes], return_tensors="pt", padding=True))
+    query["labels"] = torch.tensor([PROMPTS.index(s.short_caption) for s in scenes])
+    att = trak.attribute(clip, query, contrastive_margin)
+    report.heading("training-data attribution (TRAK): the training images that most support each answer", level=3)
+    report.fragment(att.html(k=4, train_images=imgs, train_labels=[s.short_caption for s in train],
+                              target_images=[s.image for s in scenes]))
     ds = [single_object_scene(10_000_800 + k) for k in range(48 if quick else 160)]
     clip_dissect(clip, np.stack([s.image for s in ds]), WORDS, labeller=clip, similarity_kwargs={"top_k": 10},
                  progress=False).to_report(report, "network dissection (CLIP-Dissect): the concept each image-tower "

@@ -8,6 +8,8 @@ plots and renders in Jupyter (`result.Result`). Methods import only the core (le
 never `world`, `organisms` or `testing`: the scoring in `benchmarks/groundtruth.py` imports methods, not the reverse.
 """
 
+from .data_attribution import (TRAK, AttributionResult, TRAKConfig, contrastive_margin, generative_margin,
+                               representation_similarity)
 from .diffusion_lens import DiffusionLensResult, diffusion_lens
 from .dissection import (DissectionResult, clip_dissect, image_activations, labeller_similarities, net_dissect,
                          unit_maps)
@@ -41,6 +43,8 @@ __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "J
            "probe_sweep", "provenance", "top_activating",
            "DatasetExamples", "FeatureVizResult", "Objective", "custom", "dataset_examples", "direction", "unit",
            "visualize",
+           "AttributionResult", "TRAK", "TRAKConfig", "contrastive_margin", "generative_margin",
+           "representation_similarity",
            "MapResult", "WordMapResult", "word_maps", "GradientMapResult", "RelevancyResult", "gradient_map", "relevancy",
            "DissectionResult", "clip_dissect", "image_activations", "labeller_similarities", "net_dissect", "unit_maps",
            "SpliceResult", "TextSpanResult", "encode_texts", "image_embeddings", "nonneg_lasso", "splice",

@@ -51,6 +51,10 @@ class Report:
         more = f"<p>… {len(rows) - max_rows} more rows</p>" if len(rows) > max_rows else ""
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>{more}")
 
+    def fragment(self, markup: str) -> None:
+        """Markup a result built itself (e.g. a table with thumbnails), inserted as given: trusted HTML only."""
+        self.parts.append(markup)
+
     def figure(self, fig, caption: str = "") -> None:
         self.parts.append(f"<figure><img src='{figure_png(fig)}'/><figcaption>{html.escape(caption)}</figcaption></figure>")
 
