@@ -16,20 +16,7 @@ import torch
 import mmlens.organisms as organisms
 from mmlens.methods.gradient_maps import gradient_map
 from mmlens.methods.relevancy import relevancy
-from mmlens.organisms.prompts import vlm_inputs
-from mmlens.world import make_scene
-
-
-def binding_scenes(n: int, seed: int):
-    """Scenes of 2-3 objects with distinct shapes; the question asks the colour of object 0."""
-    scenes = []
-    while len(scenes) < n:
-        s = make_scene(seed, background=None)
-        seed += 1
-        shapes = [o.shape for o in s.objects]
-        if len(s.objects) >= 2 and shapes.count(shapes[0]) == 1:
-            scenes.append(s)
-    return scenes, [f"what colour is the {s.objects[0].shape} ?" for s in scenes]
+from mmlens.organisms.prompts import binding_scenes, vlm_inputs
 
 
 def main(n_scenes: int = 12, seed: int = 10_000_900) -> dict:

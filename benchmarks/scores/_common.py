@@ -19,18 +19,9 @@ def line(technique, organism, metric, value, threshold, higher_is_better=True, *
 
 
 def vlm_binding_scenes(n: int, tok):
-    """Scenes with 2-3 objects of distinct shapes, the question "what colour is the {shape} ?" about object 0."""
-    from mmlens.world import make_scene
+    """Scenes with 2-3 objects of distinct shapes, the question "what colour is the {shape} ?" about object 0, and
+    the answer's token id."""
+    from mmlens.organisms.prompts import binding_scenes
 
-    scenes, questions, truth = [], [], []
-    seed = SEED
-    while len(scenes) < n:
-        s = make_scene(seed, background=None)
-        seed += 1
-        shapes = [o.shape for o in s.objects]
-        if len(s.objects) < 2 or shapes.count(s.objects[0].shape) > 1:
-            continue
-        scenes.append(s)
-        questions.append(f"what colour is the {s.objects[0].shape} ?")
-        truth.append(tok.convert_tokens_to_ids(s.objects[0].colour))
-    return scenes, questions, torch.tensor(truth)
+    scenes, questions = binding_scenes(n, SEED)
+    return scenes, questions, torch.tensor([tok.convert_tokens_to_ids(s.objects[0].colour) for s in scenes])

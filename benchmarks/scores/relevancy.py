@@ -54,7 +54,7 @@ def _lines(organism: str, results: dict, masks: np.ndarray, n: int, what: str) -
     return out
 
 
-def score(n: int = 48) -> list[dict]:
+def score(n: int = 48, methods: tuple[str, ...] = ("chefer", "rollout")) -> list[dict]:
     """clip: single-object scenes, the map of the true class text's logit against the object's mask. vlm: 2-3
     objects, "what colour is the {shape} ?" about object 0, the map of the true colour's logit against object 0's mask
     (the other objects are distractors the map should avoid)."""
@@ -68,11 +68,11 @@ def score(n: int = 48) -> list[dict]:
     scenes = [single_object_scene(SEED + k, background=BACKGROUNDS[k % len(BACKGROUNDS)]) for k in range(n)]
     truth = torch.tensor([PROMPTS.index(s.short_caption) for s in scenes])
     masks = np.stack([s.masks[0] for s in scenes])
-    results: dict[str, list] = {m: [] for m in METHODS}
+    results: dict[str, list] = {m: [] for m in methods}
     for i in range(0, n, 32):
         inputs = clip.processor(text=PROMPTS, images=[s.pil() for s in scenes[i:i + 32]], return_tensors="pt",
                                 padding=True)
-        for m in METHODS:
+        for m in methods:
             results[m].append(_run(clip, inputs, truth[i:i + 32], m))
     out += _lines("clip", {m: _cat(r) for m, r in results.items()}, masks, n,
                   "clip organism, one object per image (textured backgrounds), target: the true 'a {colour} {shape}' "
@@ -81,15 +81,21 @@ def score(n: int = 48) -> list[dict]:
     vlm = organisms.load("vlm")
     scenes, questions, truth = vlm_binding_scenes(n, vlm.processor.tokenizer)
     masks = np.stack([s.masks[0] for s in scenes])
-    results = {m: [] for m in METHODS}
+    results = {m: [] for m in methods}
     for i in range(0, n, 32):
         inputs = vlm_inputs(vlm, scenes[i:i + 32], questions[i:i + 32])
-        for m in METHODS:
+        for m in methods:
             results[m].append(_run(vlm, inputs, truth[i:i + 32], m))
     out += _lines("vlm", {m: _cat(r) for m, r in results.items()}, masks, n,
                   "vlm organism, 2-3 objects, 'what colour is the {shape} ?' about object 0, target: the true colour's "
                   "logit at the answer position; mask: object 0")
     return out
+
+
+
+def score_gradient_maps(n: int = 48) -> list[dict]:
+    """The same scenes and bars for Captum's gradient methods (`gradient_map`)."""
+    return score(n, methods=("saliency", "integrated_gradients", "grad_cam", "occlusion"))
 
 
 def _cat(parts):

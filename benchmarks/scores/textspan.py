@@ -44,7 +44,6 @@ def score(n: int = 240) -> list[dict]:
     import mmlens.organisms as organisms
     from mmlens.methods.direct_effects import DirectEffectsResult, direct_effects
     from mmlens.methods.maps import MapResult
-    from mmlens.methods.splice import splice
     from mmlens.methods.textspan import encode_texts, text_segmentation, textspan
     from mmlens.organisms.prompts import PROMPTS
     from mmlens.world import single_object_scene
@@ -141,7 +140,22 @@ def score(n: int = 240) -> list[dict]:
                     "patch's direct contribution, all heads, projected on the text; DAAM's 0.4 x max threshold). "
                     "Bar: chance, the IoU of marking the whole image = the mask's area fraction"))
 
-    # ---- SpLiCE: the sparse code's two heaviest concepts are the object's colour and shape
+    return out
+
+
+def score_splice(n: int = 240) -> list[dict]:
+    """SpLiCE on the same held-out single-object scenes: the sparse code's two heaviest concepts name the object."""
+    import mmlens.organisms as organisms
+    from mmlens.methods.splice import splice
+    from mmlens.organisms.prompts import PROMPTS
+    from mmlens.world import single_object_scene
+    from mmlens.world.scene import BACKGROUNDS
+
+    clip = organisms.load("clip")
+    colours, shapes, sizes, _ = _vocabulary()
+    scenes = [single_object_scene(SEED + k, background=BACKGROUNDS[k % len(BACKGROUNDS)]) for k in range(n)]
+    images = [s.pil() for s in scenes]
+    out = []
     concepts = {**colours, **shapes, **sizes}
     sp = splice(clip, images, concepts, classes=PROMPTS, labels=[PROMPTS.index(s.short_caption) for s in scenes])
     hits = [{c for c, _ in sp.top(i, 2)} == {s.objects[0].colour, s.objects[0].shape} for i, s in enumerate(scenes)]

@@ -17,7 +17,7 @@ from .hooks.tokens import MODALITIES
 from .methods import (SteeringVector, TunedLens, attribution_patching, diffusion_lens, diffusion_probe_features,
                       joint_lens, knockout, logit_lens, neuron_attribution, patch, pixel_probe, probe_features,
                       probe_sweep, steering_sweep, top_activating)
-from .organisms.prompts import PROMPTS, answer_first_tokens, colour_counterfactuals, vlm_inputs
+from .organisms.prompts import PROMPTS, answer_first_tokens, binding_scenes, colour_counterfactuals, vlm_inputs
 from .viz.report import Report
 from .world import make_scene, single_object_scene
 from .world.judge import object_mask
@@ -176,13 +176,8 @@ def _causal(report: Report, lens, quick: bool = False) -> None:
     est.to_report(report, f"attribution patching: estimated recovery per LM block input and position (r = {r:.2f} "
                           "with exact patching)")
 
-    scenes, seed = [], 10_000_900
-    while len(scenes) < (8 if quick else 16):
-        s = make_scene(seed, background=None)
-        seed += 1
-        if len(s.objects) >= 2 and [o.shape for o in s.objects].count(s.objects[0].shape) == 1:
-            scenes.append(s)
-    inputs = vlm_inputs(lens, scenes, [f"what colour is the {s.objects[0].shape} ?" for s in scenes])
+    scenes, questions = binding_scenes(8 if quick else 16, 10_000_900)
+    inputs = vlm_inputs(lens, scenes, questions)
     tok = lens.processor.tokenizer
     truth = torch.tensor(tok.convert_tokens_to_ids([s.objects[0].colour for s in scenes]))
     seq = inputs["input_ids"].shape[1]

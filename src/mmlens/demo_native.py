@@ -69,16 +69,10 @@ def _contrastive(report: Report, clip, quick: bool) -> None:
 
 def _generative(report: Report, vlm, quick: bool) -> None:
     from .methods import gradient_map, relevancy
-    from .organisms.prompts import vlm_inputs
-    from .world import make_scene
+    from .organisms.prompts import binding_scenes, vlm_inputs
 
-    scenes, seed = [], 10_000_950
-    while len(scenes) < (2 if quick else 4):
-        sc = make_scene(seed, background=None)
-        seed += 1
-        if len(sc.objects) >= 2 and [o.shape for o in sc.objects].count(sc.objects[0].shape) == 1:
-            scenes.append(sc)
-    inputs = vlm_inputs(vlm, scenes, [f"what colour is the {sc.objects[0].shape} ?" for sc in scenes])
+    scenes, questions = binding_scenes(2 if quick else 4, 10_000_950)
+    inputs = vlm_inputs(vlm, scenes, questions)
     truth = torch.tensor(vlm.processor.tokenizer.convert_tokens_to_ids([sc.objects[0].colour for sc in scenes]))
     masks = np.stack([sc.masks[0] for sc in scenes])
     rel = relevancy(vlm, inputs, truth)

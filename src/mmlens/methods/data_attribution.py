@@ -9,7 +9,7 @@
     base = representation_similarity(clip, test_inputs, train_batches, name="image_embeds")   # the baseline
 
 How. For every training example x_i, the gradient g_i of the model output function f (one scalar per example, see
-`data_attribution_result`) with respect to the chosen parameters is projected to `proj_dim` dimensions by a seeded
+`_data_attribution_result`) with respect to the chosen parameters is projected to `proj_dim` dimensions by a seeded
 random matrix P (Rademacher or Gaussian, entries of variance 1 / proj_dim): phi_i = P^T g_i. With Phi the stacked
 features, a target z scores every training example by
 
@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from ..io import atomic_path, atomic_write_text
 from ._estimator import load_estimator, save_estimator
-from .data_attribution_result import (AttributionResult, contrastive_margin, generative_margin,
+from ._data_attribution_result import (AttributionResult, contrastive_margin, generative_margin,
                                       representation_similarity, representations)
 from .result import provenance
 

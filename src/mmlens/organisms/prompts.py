@@ -73,6 +73,20 @@ def answer_first_tokens(lens, scenes: Sequence, questions: Sequence[str]) -> lis
     return lens.processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
 
 
+def binding_scenes(n: int, seed: int) -> tuple[list, list[str]]:
+    """`n` scenes of 2-3 objects (random textures) in which object 0's shape is unique, and the binding question
+    about it, 'what colour is the {shape} ?': its colour must be found through its shape. Seeds from `seed` on."""
+    from ..world import make_scene
+
+    scenes = []
+    while len(scenes) < n:
+        s = make_scene(seed, background=None)
+        seed += 1
+        if len(s.objects) >= 2 and [o.shape for o in s.objects].count(s.objects[0].shape) == 1:
+            scenes.append(s)
+    return scenes, [f"what colour is the {s.objects[0].shape} ?" for s in scenes]
+
+
 def colour_counterfactuals(lens, n: int, seed: int):
     """n colour counterfactuals for the vlm organism (the world's `counterfactual_pair`: one object's colour changed,
     every other pixel equal), asked "what colour is the {shape} ?" about that object (its shape unique in the scene).
