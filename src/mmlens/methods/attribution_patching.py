@@ -20,28 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._grad import frozen as _frozen, leaf as _leaf
 from ._targets import columns, is_flat, layout_dims
 from .patching import DIRECTIONS, PatchResult, _as_run, _batch, _check_pair, _merge, _metric_values, _seq
 from .result import provenance, require_family
-
-
-@contextlib.contextmanager
-def _frozen(module: torch.nn.Module):
-    """Parameters without gradients for the block (only activations need them), restored afterwards."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def _leaf(value: Tensor, ctx) -> Tensor | None:
-    """With parameters frozen nothing upstream wants a gradient: the first site reached becomes a leaf that does
-    (later sites then hang off it in the graph, so every gradient is the total derivative)."""
-    return None if value.requires_grad else value.detach().requires_grad_()
 
 
 def _per_position(delta_grad: Tensor, site, batch: int) -> Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from .attribution_patching import _frozen
+from ._grad import frozen as _frozen
 from .maps import MapResult
 from .relevancy import (Target, answer_positions, check_contrastive, contrastive_logits, image_features,
                         parse_targets, patch_grid, pixel_images, text_features, to_device,

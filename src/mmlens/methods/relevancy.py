@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from .attribution_patching import _frozen, _leaf
+from ._grad import frozen as _frozen, leaf as _leaf
 from .maps import MapResult, images_uint8
 from .result import provenance, require_family, token_id
 
