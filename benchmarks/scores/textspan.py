@@ -43,7 +43,6 @@ def score(n: int = 240) -> list[dict]:
     the patch decomposition segments the object its colour names; SpLiCE's sparse code names colour and shape."""
     import mmlens.organisms as organisms
     from mmlens.methods.direct_effects import DirectEffectsResult, direct_effects
-    from mmlens.methods.maps import MapResult
     from mmlens.methods.textspan import encode_texts, text_segmentation, textspan
     from mmlens.organisms.prompts import PROMPTS
     from mmlens.world import single_object_scene
@@ -125,17 +124,14 @@ def score(n: int = 240) -> list[dict]:
     # ---- zero-shot segmentation: the object's colour word, per patch, against the object's mask
     seg = text_segmentation(clip, images, colours, batch_size=40)
     masks = torch.from_numpy(np.stack([s.masks[0] for s in scenes]))
-    which = torch.tensor([list(colours).index(s.objects[0].colour) for s in scenes])
-    pick = lambda res: res.maps[torch.arange(n), which][:, None]  # noqa: E731
-    own = MapResult(meta=seg.meta, maps=pick(seg), images=seg.images, labels=["colour of the object"],
-                    method=seg.method)
-    iou = own.iou(masks, 0).mean().item()
-    point = own.pointing_game(masks, 0).float().mean().item()
+    which = [s.objects[0].colour for s in scenes]
+    iou = seg.iou(masks, which).mean().item()
+    point = seg.pointing_game(masks, which).float().mean().item()
     chance = masks.flatten(1).float().mean().item()
     rel = text_segmentation(clip, images, colours, batch_size=40, relative=True)
-    own_rel = MapResult(meta=rel.meta, maps=pick(rel), images=rel.images, labels=["colour"], method=rel.method)
+
     out.append(line("text_segmentation", "clip", "colour_word_miou", iou, round(chance, 4), n=n,
-                    pointing_game=round(point, 4), miou_relative=round(own_rel.iou(masks, 0).mean().item(), 4),
+                    pointing_game=round(point, 4), miou_relative=round(rel.iou(masks, which).mean().item(), 4),
                     source="Gandelsman et al. 2024: the patch-level decomposition is a zero-shot segmenter (map: each "
                     "patch's direct contribution, all heads, projected on the text; DAAM's 0.4 x max threshold). "
                     "Bar: chance, the IoU of marking the whole image = the mask's area fraction"))

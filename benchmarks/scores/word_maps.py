@@ -11,13 +11,8 @@ from ._common import SEED, line
 
 def _scores(res, masks: torch.Tensor, ok: torch.Tensor, slot: int) -> tuple[float, float]:
     """mIoU and pointing-game rate of the word at `slot` of 'a {colour} {shape}' over the images with an object."""
-    from mmlens.methods.maps import iou, pointing_game
-
-    idx = torch.tensor([res.labels.index(p.split()[slot]) for p in res.prompts])
-    rows = torch.arange(len(idx))
-    seg = res.segment(0.4)[rows, idx]          # (images, H, W): each image's own word
-    up = res.upsampled()[rows, idx]
-    return float(iou(seg, masks)[ok].mean()), float(pointing_game(up, masks)[ok].float().mean())
+    words = [p.split()[slot] for p in res.prompts]
+    return float(res.iou(masks, words)[ok].mean()), float(res.pointing_game(masks, words)[ok].float().mean())
 
 
 def score(per_prompt: int = 2, steps: int = 25) -> list[dict]:

@@ -31,8 +31,7 @@ def _contrastive(report: Report, clip, quick: bool) -> None:
     ts.to_report(report, "TextSpan: each head's text basis and the variance it explains")
     scenes = [single_object_scene(10_000_750 + k) for k in range(4)]
     seg = text_segmentation(clip, [s.pil() for s in scenes], {c: WORDS[c] for c in COLOURS})
-    own = [seg.labels.index(s.objects[0].colour) for s in scenes]
-    miou = float(torch.stack([seg.iou(np.stack([s.masks[0] for s in scenes]), j)[i] for i, j in enumerate(own)]).mean())
+    miou = float(seg.iou(np.stack([s.masks[0] for s in scenes]), [s.objects[0].colour for s in scenes]).mean())
     seg.to_report(report, f"TextSpan's patch decomposition as a zero-shot segmenter: each colour word's map "
                           f"(IoU of the object's own colour with its mask: {miou:.2f})")
     sp = splice(clip, pool, WORDS)
@@ -93,11 +92,10 @@ def _diffusion(report: Report, sd, quick: bool) -> None:
     res = word_maps(sd, prompts, num_inference_steps=8 if quick else 20, guidance_scale=1.5,
                     generator=torch.Generator().manual_seed(5))
     masks = torch.from_numpy(np.stack([object_mask(im.numpy()) for im in res.images]))
-    shape_idx = [res.labels.index(p.split()[2]) for p in prompts]
-    ious = [float(res.iou(masks, j)[i]) for i, j in enumerate(shape_idx) if masks[i].any()]
+    ious = res.iou(masks, [p.split()[2] for p in prompts])[masks.flatten(1).any(1)]
     report.text(f"Cross-attention word maps (DAAM, Tang et al. 2023): the attention each prompt word receives, summed "
                 f"over heads, layers and steps. The shape word's map against the object the judge finds: mIoU "
-                f"{np.mean(ious):.2f} over {len(ious)} samples (the object covers {float(masks.float().mean()):.2f} "
+                f"{float(ious.mean()):.2f} over {len(ious)} samples (the object covers {float(masks.float().mean()):.2f} "
                 "of the image).")
     shown = [w for w in res.labels if w in COLOURS][:2] + [w for w in res.labels if w in SHAPES][:2]
     res.to_report(report, "word maps: where each prompt word acts", labels=shown)

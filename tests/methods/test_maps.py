@@ -57,6 +57,12 @@ def test_segment_iou_pointing_on_result(tmp_path):
     assert seg.shape == (2, 1, 4, 4) and seg[0, 0, 0, 0] and not seg[0, 0, 3, 3]
     want = iou(normalise(upsample(maps[:, 0], (4, 4))) > 0.4, masks)
     torch.testing.assert_close(res.iou(masks, "w0"), want)
+    # one label per image equals each image's own map
+    per = res.iou(masks, ["w0", "w1"])
+    torch.testing.assert_close(per, torch.stack([res.iou(masks, "w0")[0], res.iou(masks, "w1")[1]]))
+    assert res.pointing_game(masks, ["w1", "w0"]).tolist() == [res.pointing_game(masks, "w1")[0].item(), False]
+    with pytest.raises(ValueError, match="one per image"):
+        res.iou(masks, ["w0"])
     res.save(tmp_path / "m")
     back = MapResult.load(tmp_path / "m")
     torch.testing.assert_close(back.maps, res.maps)

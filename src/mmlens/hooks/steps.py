@@ -85,7 +85,7 @@ class StepCache(ActivationCache):
                              "lens.generate(...), or pass guidance= to lens.hooks()")
         if branch not in branches:
             raise KeyError(f"step {metas[idx].step} ran branches {branches}; asked for {branch!r}")
-        return value.chunk(len(branches), dim=0)[branches.index(branch)]
+        return branch_rows(value, branches, branch)
 
     def stack(self, name: str, branch: str | None = None) -> torch.Tensor:  # type: ignore[override]
         """(recorded steps, ...) for one denoiser site, (names, steps, ...) for a glob, as `ActivationCache.stack`
@@ -130,3 +130,8 @@ class StepCache(ActivationCache):
                 self._meta[n] = [HookContext(n, p, s, t, tuple(b) if b is not None else None) for s, t, b, p in rows]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: corrupt StepCache metadata ({e})") from None
+
+
+def branch_rows(value: torch.Tensor, branches: tuple[str, ...], branch: str) -> torch.Tensor:
+    """The rows of one guidance branch of a denoiser batch laid out as `branches` (e.g. [uncond; cond])."""
+    return value.chunk(len(branches), dim=0)[branches.index(branch)]

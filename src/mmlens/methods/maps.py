@@ -123,15 +123,31 @@ class MapResult(Result):
             raise ValueError(f"threshold={threshold}; allowed: a fraction in [0, 1] of each map's range")
         return normalise(self.upsampled(label)) > threshold
 
-    def iou(self, masks, label: str | int, threshold: float = 0.4) -> Float[Tensor, "images"]:
-        """IoU of `label`'s segmentation with one ground-truth mask per image."""
-        m = as_masks(masks, self.maps.shape[0], self.size)
-        return iou(self.segment(threshold, label)[:, 0], m)
+    def own(self, label) -> Float[Tensor, "images H W"]:
+        """One upsampled map per image: `label` names one map for every image, or one per image (e.g. each image's
+        own object word, when a batch of prompts or targets differs)."""
+        n = self.maps.shape[0]
+        if isinstance(label, (str, int)):
+            idx = torch.full((n,), self._index(label)[0])
+        else:
+            labels = list(label)
+            if len(labels) != n:
+                raise ValueError(f"label: one per image ({n}) or a single one; got {len(labels)}")
+            idx = torch.tensor([self._index(lb)[0] for lb in labels])
+        return upsample(self.maps[torch.arange(n), idx], self.size)
 
-    def pointing_game(self, masks, label: str | int) -> Bool[Tensor, "images"]:
-        """Whether `label`'s map peaks inside each image's mask."""
+    def iou(self, masks, label, threshold: float = 0.4) -> Float[Tensor, "images"]:
+        """IoU of the label's segmentation (see `segment`) with one ground-truth mask per image; `label`: one for
+        every image or one per image (see `own`)."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold={threshold}; allowed: a fraction in [0, 1] of each map's range")
         m = as_masks(masks, self.maps.shape[0], self.size)
-        return pointing_game(self.upsampled(label)[:, 0], m)
+        return iou(normalise(self.own(label)) > threshold, m)
+
+    def pointing_game(self, masks, label) -> Bool[Tensor, "images"]:
+        """Whether the label's map peaks inside each image's mask; `label` as in `iou`."""
+        m = as_masks(masks, self.maps.shape[0], self.size)
+        return pointing_game(self.own(label), m)
 
     def summary(self) -> str:
         n, k, h, w = self.maps.shape

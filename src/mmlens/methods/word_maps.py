@@ -20,9 +20,9 @@ import re
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
+from ..hooks.steps import branch_rows
 from .maps import MapResult, images_uint8, normalise, upsample
 from .result import provenance, require_family
 
@@ -64,7 +64,7 @@ def _positions(tok, prompt: str, words: Sequence[str], max_length: int) -> dict[
     for w in dict.fromkeys(words):
         cands = []
         for form in (w, " " + w):
-            piece = [t for t in tok(form, add_special_tokens=False)["input_ids"]]
+            piece = list(tok(form, add_special_tokens=False)["input_ids"])
             if piece and piece not in cands:
                 cands.append(piece)
         hits: list[int] = []
@@ -103,12 +103,7 @@ def _grid(q: int, height: int, width: int) -> tuple[int, int]:
 
 def _cond(value: Tensor, ctx) -> Tensor:
     """The conditional branch's rows of a guidance batch (the whole batch when there is no guidance)."""
-    if ctx.branches and len(ctx.branches) > 1 and "cond" in ctx.branches:
-        k = len(ctx.branches)
-        n = value.shape[0] // k
-        i = ctx.branches.index("cond")
-        return value[i * n:(i + 1) * n]
-    return value
+    return branch_rows(value, ctx.branches, "cond") if ctx.branches and "cond" in ctx.branches else value
 
 
 def _default_names(lens, mode: str) -> str:
