@@ -24,6 +24,18 @@ def grid_positions(n: int, rows: int, cols: int, *, cls_first: bool = False) -> 
     return rc
 
 
+def square_grid(seq: int) -> tuple[int, int, bool] | None:
+    """An image tower's (rows, cols, cls_first) from its sequence length: a square grid, with or without a
+    leading CLS token (CLS tried first: 17 = CLS + 4x4); None when neither fits."""
+    import math
+
+    for cls in (True, False):
+        side = math.isqrt(max(seq - cls, 0))
+        if side > 0 and side * side == seq - cls:
+            return side, side, cls
+    return None
+
+
 def area_pool(mask: Shaped[Tensor, "h w"], rows: int, cols: int) -> Float64[Tensor, "rows cols"]:
     """Fraction of each of `rows x cols` equal cells that `mask` covers, pixels split exactly where cell
     edges cut them, so it holds when H, W are not multiples of the grid (block averaging would need that)."""

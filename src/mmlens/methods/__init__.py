@@ -27,6 +27,10 @@ from .probes import (LinearProbe, LinearProbeConfig, PixelFeatures, PixelProbeRe
                      diffusion_probe_features, pixel_probe, probe_features, probe_sweep)
 from .maps import MapResult
 from .relevancy import RelevancyResult, relevancy
+from .sae import SAE, SAEConfig
+from .sae_dashboard import FeatureDashboard, feature_dashboard
+from .sae_metrics import SAEMetricsResult, sae_metrics
+from .sae_splice import sae_spliced, steer_features
 from .result import Result, provenance
 from .splice import SpliceResult, image_embeddings, nonneg_lasso, splice
 from .steering import (SteeringSweepResult, SteeringVector, SteeringVectorConfig, steer, steering,
@@ -48,4 +52,5 @@ __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "J
            "MapResult", "WordMapResult", "word_maps", "GradientMapResult", "RelevancyResult", "gradient_map", "relevancy",
            "DissectionResult", "clip_dissect", "image_activations", "labeller_similarities", "net_dissect", "unit_maps",
            "SpliceResult", "TextSpanResult", "encode_texts", "image_embeddings", "nonneg_lasso", "splice",
-           "text_segmentation", "textspan"]
+           "text_segmentation", "textspan",
+           "SAE", "SAEConfig", "FeatureDashboard", "SAEMetricsResult", "feature_dashboard", "sae_metrics", "sae_spliced", "steer_features"]

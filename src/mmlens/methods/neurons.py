@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ..hooks.tokens import square_grid
 from .direct_effects import norm_gain
 from .result import Result, provenance, require_family
 
@@ -43,15 +44,6 @@ def _as_bsn(v: Tensor, batch: int) -> Tensor:
     if v.dim() == 2 and v.shape[0] % batch == 0:
         return v.reshape(batch, -1, v.shape[-1])
     raise ValueError(f"mlp.post has shape {tuple(v.shape)}; expected (batch, seq, neurons)")
-
-
-def _grid(seq: int) -> tuple[int, int, bool] | None:
-    """An image tower's (rows, cols, cls_first) from its sequence length: square grid, with or without CLS."""
-    for cls in (True, False):
-        side = math.isqrt(seq - cls)
-        if side * side == seq - cls and side > 0:
-            return side, side, cls
-    return None
 
 
 def _batch_size(inputs: Mapping) -> int:
@@ -142,7 +134,7 @@ def _position_mask(lens, name: str, inputs: Mapping, v: Tensor, positions, tm) -
     if positions == "patches":
         if name.startswith("lm."):
             return mask & (tm.row >= 0)
-        g = _grid(s)
+        g = square_grid(s)
         if g is None:
             raise ValueError(f"{name}: {s} tokens form no square patch grid; positions='patches' needs one")
         if g[2]:
@@ -201,7 +193,7 @@ def top_activating(lens, batches: Iterable[Mapping], *, names: str | Sequence[st
                 if not grid and tm.grids:
                     grid = list(tm.grids[0])
             else:
-                g = _grid(s)
+                g = square_grid(s)
                 if g is None:
                     row = col = torch.full_like(pos, -1)
                 else:
