@@ -40,8 +40,8 @@ def test_cli_demo_quick_runs_every_section(tmp_path):
     assert "data:image/png;base64," in html and "vision.blocks.{0.." in html and ".resid_post" in html
     sections = html.split("<h2>")[1:]
     assert [s.split(":")[0] for s in sections] == ["contrastive", "generative", "diffusion", "causal",
-                                                   "multimodal-native"]
-    contrastive, generative, diffusion, causal, native = sections
+                                                   "multimodal-native", "sparse autoencoders"]
+    contrastive, generative, diffusion, causal, native, sae = sections
     assert contrastive.startswith("contrastive: CLIPModel") and "zero-shot classification" in contrastive
     assert generative.startswith("generative: LlavaForConditionalGeneration")
     assert "attending to image patches" in generative
@@ -58,6 +58,8 @@ def test_cli_demo_quick_runs_every_section(tmp_path):
                   "relevancy of the answer", "integrated gradients of the answer", "training-data attribution (TRAK)"):
         assert title in native, title
     assert "The shape word&#x27;s map against the object the judge finds: mIoU" in native
+    assert "A TopK SAE (256 features, 8 active per token)" in sae and "SAE feature dashboards" in sae
+    assert sae.count("data:image/png;base64,") >= 2
 
 
 def test_demo_without_an_organism_names_the_command_that_trains_it(tmp_path, monkeypatch):

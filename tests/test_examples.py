@@ -160,3 +160,16 @@ def test_word_maps_example(capsys):
     seg = result["segmentation"]
     assert seg.shape == (8, 32, 32) and seg.min() >= -1 and seg.max() < len(res.labels)
     assert "shape word mIoU over all sites" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("clip" not in available(), reason="needs the shipped clip organism")
+def test_sparse_autoencoder_example(capsys):
+    """The SAE replaces the site well, a feature marks red objects (world masks), its dashboard's top patches come
+    from images of red objects, and SAELens's format round-trips."""
+    r = runpy.run_path(str(EXAMPLES / "sparse_autoencoder.py"))["main"](n=160)
+    m = r["metrics"]
+    assert m.explained_variance > 0.8 and abs(m.l0 - 8) < 1e-6
+    assert m.downstream["spliced"] >= 0.8 * m.downstream["clean"]
+    assert r["top_in_red_images"] >= 0.75
+    assert r["roundtrip_diff"] < 1e-4
+    assert "red feature" in capsys.readouterr().out

@@ -15,6 +15,50 @@ def _scores(res, masks: torch.Tensor, ok: torch.Tensor, slot: int) -> tuple[floa
     return float(res.iou(masks, words)[ok].mean()), float(res.pointing_game(masks, words)[ok].float().mean())
 
 
+def pair_prompts(n: int, seed: int) -> list[str]:
+    """`n` captions 'a {colour} {shape} and a {colour} {shape}' (distinct colours and shapes, random order)."""
+    from mmlens.world import make_scene
+
+    rng = np.random.RandomState(seed)
+    out = []
+    for k in range(n):
+        objs = make_scene(seed + k, n_objects=2, size=32).objects
+        out.append(" and ".join(f"a {o.colour} {o.shape}" for o in (objs if rng.rand() < 0.5 else objs[::-1])))
+    return out
+
+
+def pair_scores(res) -> dict[str, float]:
+    """Two-object prompts: each object word's map against the pixels of the object the judge finds in the word's
+    object's colour (the colour is what the judge reads reliably; an image where either colour is missing gives no
+    ground truth and is left out). `own_vs_other`: how often a word's map puts more mass on its own object than on
+    the other one (routing; 0.5 = none)."""
+    from mmlens.world.judge import detect
+
+    n, size = len(res.prompts), res.size
+    masks = torch.zeros(2, n, *size, dtype=torch.bool)  # (object slot, image, H, W)
+    ok = torch.zeros(n, dtype=torch.bool)
+    words = [p.split() for p in res.prompts]
+    for i, image in enumerate(res.images):
+        found = {d.colour: torch.from_numpy(d.mask) for d in detect(image.numpy())}
+        if words[i][1] in found and words[i][5] in found:
+            ok[i] = True
+            masks[0, i], masks[1, i] = found[words[i][1]], found[words[i][5]]
+    out = {"n_images": int(ok.sum())}
+    up = res.upsampled()
+    for kind, slots in (("colour", (1, 5)), ("shape", (2, 6))):
+        ious, hits, own = [], [], []
+        for j, slot in enumerate(slots):
+            label = [w[slot] for w in words]
+            ious.append(res.iou(masks[j], label)[ok])
+            hits.append(res.pointing_game(masks[j], label)[ok].float())
+            m = up[torch.arange(n), torch.tensor([res.labels.index(x) for x in label])]
+            own.append(((m * masks[j]).flatten(1).sum(1) > (m * masks[1 - j]).flatten(1).sum(1))[ok].float())
+        out[f"{kind}_miou"] = float(torch.cat(ious).mean())
+        out[f"{kind}_pointing"] = float(torch.cat(hits).mean())
+        out[f"{kind}_own_vs_other"] = float(torch.cat(own).mean())
+    return out
+
+
 def score(per_prompt: int = 2, steps: int = 25) -> list[dict]:
     """Every 'a {colour} {shape}' prompt generated `per_prompt` times; each word's map (all cross-attention sites,
     heads and steps, DAAM's default) thresholded at 0.4 of its maximum against the judged object's pixels. Bars:
@@ -49,6 +93,19 @@ def score(per_prompt: int = 2, steps: int = 25) -> list[dict]:
            line("word_maps", "diffusion", "shape_word_pointing_game", shape_hit, None, source=src),
            line("word_maps", "diffusion", "colour_word_pointing_game", colour_hit, None, source=src),
            line("word_maps", "diffusion", "chance_iou", chance, None, source="mask area / image area")]
+    pairs = pair_prompts(len(prompts), SEED + 96_000)
+    pr = pair_scores(word_maps(sd, pairs, generator=torch.Generator().manual_seed(SEED + 97_000), **kw))
+    psrc = (f"two-object prompts 'a {{colour}} {{shape}} and a {{colour}} {{shape}}': each object word against the "
+            f"object the judge finds in that colour; {pr['n_images']} of {len(pairs)} images with both colours")
+    out += [line("word_maps", "diffusion", "pair_shape_word_miou", pr["shape_miou"], 0.5, n=pr["n_images"],
+                 source=psrc + "; bar as for one object"),
+            line("word_maps", "diffusion", "pair_shape_word_own_vs_other", pr["shape_own_vs_other"], 0.75,
+                 source=psrc + "; share of maps with more mass on their own object than on the other; 0.5 = no "
+                               "routing"),
+            line("word_maps", "diffusion", "pair_colour_word_own_vs_other", pr["colour_own_vs_other"], None,
+                 source=psrc),
+            line("word_maps", "diffusion", "pair_colour_word_miou", pr["colour_miou"], None, source=psrc),
+            line("word_maps", "diffusion", "pair_shape_word_pointing_game", pr["shape_pointing"], None, source=psrc)]
     for site in sd.hook_points("unet.*.cross.pattern"):
         r = run(names=site)
         s_iou, _ = _scores(r, masks, ok, 2)

@@ -13,6 +13,7 @@ import torch
 
 from . import organisms
 from .demo_native import native_section
+from .demo_sae import sae_section
 from .hooks.tokens import MODALITIES
 from .methods import (SteeringVector, TunedLens, attribution_patching, diffusion_lens, diffusion_probe_features,
                       joint_lens, knockout, logit_lens, neuron_attribution, patch, pixel_probe, probe_features,
@@ -266,5 +267,9 @@ def run_demo(out: str | os.PathLike = "mmlens-report", quick: bool = False) -> P
     report.text("Text explanations of image-tower heads and embeddings, unit labels, and where each prompt word acts "
                 "in a generated image.")
     native_section(report, quick)
+    report.text(f"section time {time.perf_counter() - t0:.2f} s")
+    t0 = time.perf_counter()
+    report.heading("sparse autoencoders: features of the `clip` organism's image tower")
+    sae_section(report, quick)
     report.text(f"section time {time.perf_counter() - t0:.2f} s")
     return report.save(out / "index.html")

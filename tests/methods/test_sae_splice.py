@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmlens.errors import UnknownNameError
+from mmlens.methods._grad import frozen
 from mmlens.methods.sae import SAE, SAEConfig
 from mmlens.methods.sae_splice import sae_spliced, steer_features
 from mmlens.testing.tiny_models import sample_inputs
@@ -131,10 +132,11 @@ def test_error_term_keeps_the_graph_through_the_features(tiny_lens):
     lens = tiny_lens("llava")
     inputs = sample_inputs("llava", lens, batch=2)
     sae = random_sae(64, hook_name="lm.blocks.0.resid_post")
-    with sae_spliced(lens, sae, error_term=True):
+    with frozen(lens.model), sae_spliced(lens, sae, error_term=True):  # the shared model takes no gradient
         out = lens(inputs).logits
-    out[0, -1].sum().backward()
+        out[0, -1].sum().backward()
     assert sae.W_dec.grad is not None and float(sae.W_dec.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in lens.model.parameters())
 
 
 @pytest.mark.parametrize("mode", ["clamp", "add"])

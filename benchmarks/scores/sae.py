@@ -1,0 +1,334 @@
+"""Sparse autoencoders scored on the organisms (see benchmarks/groundtruth.py): do their features find the world's
+colours and shapes, on the clip organism's vision tower, the vlm organism's LM (image tokens), and does clamping a
+"red" feature make the diffusion organism draw red?"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+
+import numpy as np
+import torch
+
+from ._common import SEED, line
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Per column of `scores` (n, F): the probability that a positive row outranks a negative one (ties count 1/2),
+    from mid-ranks (Mann-Whitney U)."""
+    pos = positive.bool()
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("auroc needs positives and negatives")
+    out = []
+    for chunk in scores.float().split(256, dim=1):
+        order = chunk.argsort(0)
+        ranks = torch.empty_like(chunk)
+        ranks.scatter_(0, order, torch.arange(1, len(chunk) + 1, dtype=chunk.dtype)[:, None].expand_as(chunk))
+        # mid-ranks for ties: average the ranks of equal values (zeros are the common tie in sparse codes)
+        srt = chunk.gather(0, order)
+        for j in range(chunk.shape[1]):
+            vals, inv, counts = torch.unique_consecutive(srt[:, j], return_inverse=True, return_counts=True)
+            if len(vals) < len(srt):
+                ends = counts.cumsum(0).to(chunk.dtype)
+                mid = ends - (counts.to(chunk.dtype) - 1) / 2
+                ranks[order[:, j], j] = mid[inv]
+        u = ranks[pos].sum(0) - n_pos * (n_pos + 1) / 2
+        out.append(u / (n_pos * n_neg))
+    return torch.cat(out)
+
+
+def best_features(codes: torch.Tensor, labels: list[str], concepts: list[str]) -> dict[str, tuple[int, float]]:
+    """Per concept: (feature, AUROC) of the feature that best separates tokens labelled with it from all others."""
+    out = {}
+    arr = np.array(labels)
+    for c in concepts:
+        pos = torch.from_numpy(arr == c)
+        if pos.any() and (~pos).any():
+            a = auroc(codes, pos)
+            f = int(a.argmax())
+            out[c] = (f, float(a[f]))
+    return out
+
+
+def _patch_labels(scenes, rows: int, cols: int, attr: str, min_cover: float = 0.5) -> list[str]:
+    """Per scene and patch cell (raster order), the attribute of the object covering >= `min_cover` of it, else
+    'background'."""
+    from mmlens.hooks.tokens import area_pool
+
+    out = []
+    for s in scenes:
+        cell = np.full((rows, cols), "background", dtype=object)
+        for o, m in zip(s.objects, s.masks):
+            cover = area_pool(torch.from_numpy(m), rows, cols).numpy()
+            cell[cover >= min_cover] = getattr(o, attr)
+        out += list(cell.reshape(-1))
+    return out
+
+
+def _codes_and_meta(lens, sae, data, site: str):
+    """The SAE's codes of `site` over `data` (streamed, never stored) with the store's per-token metadata."""
+    from mmlens.store import stream_activations
+
+    codes, metas = [], []
+    with torch.no_grad():
+        for acts, meta in stream_activations(lens, data, site, dtype="float32"):
+            codes.append(sae.encode(acts[site]))
+            metas.append(meta)
+    return torch.cat(codes), {k: torch.cat([m[k] for m in metas]) for k in metas[0]}
+
+
+def _cell_labels(scenes, meta, grid: tuple[int, int], attr: str) -> np.ndarray:
+    """Per token: the `attr` (colour/shape) of the object covering >= half its patch cell, '' off objects or for
+    tokens without a cell (CLS, text)."""
+    rows, cols = grid
+    per_scene = np.array(_patch_labels(scenes, rows, cols, attr), dtype=object).reshape(len(scenes), rows * cols)
+    ex, r, c = (meta[k].numpy() for k in ("example", "row", "col"))
+    out = np.full(len(ex), "", dtype=object)
+    cell = r >= 0
+    lab = per_scene[ex[cell], r[cell] * cols + c[cell]]
+    out[cell] = np.where(lab == "background", "", lab)
+    return out
+
+
+def _alignment(codes, labels: np.ndarray, concepts, technique, organism, what, bar, src) -> list[dict]:
+    """Per concept, the best feature's AUROC among object tokens (the concept's tokens against the other objects':
+    a generic 'object' feature scores 0.5 here) and against every token of the kind scored."""
+    on = labels != ""
+    out = []
+    sub = codes[torch.from_numpy(on)]
+    best = best_features(sub, list(labels[on]), list(concepts))
+    for c in concepts:
+        f, a = best[c]
+        a_all = float(auroc(codes[:, f:f + 1], torch.from_numpy(labels == c))[0])
+        out.append(line(technique, organism, f"{what}_auroc[{c}]", a, bar, feature=f, auroc_vs_all_tokens=round(a_all, 4),
+                        source=src))
+    out.append(line(technique, organism, f"{what}_distinct_features", len({f for f, _ in best.values()}), None,
+                    source=f"how many different features are the best for the {len(concepts)} {what}s"))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def clip_setup(n_train: int = 1200, n_test: int = 240, d_sae: int = 512, k: int = 8, epochs: int = 3):
+    """clip organism, vision.blocks.2.resid_post (CLS and 64 patch tokens per image): a TopK SAE fit from a store of
+    held-out single-object scenes on random textures; codes of other scenes, streamed. Cached: the SAE scores,
+    metrics and dashboard share one fit (the store stays open in a temporary folder for the process)."""
+    import mmlens.organisms as organisms
+    from mmlens.methods import SAE, SAEConfig
+    from mmlens.store import write_activations
+    from mmlens.world import single_object_scene
+    from mmlens.world.scene import BACKGROUNDS
+
+    clip = organisms.load("clip")
+    site = "vision.blocks.2.resid_post"
+    rng = np.random.RandomState(SEED + 80_000)
+
+    def scenes(n, start):
+        return [single_object_scene(start + i, background=BACKGROUNDS[rng.randint(4)]) for i in range(n)]
+
+    train, test = scenes(n_train, SEED + 80_000), scenes(n_test, SEED + 82_000)
+    tmp = tempfile.TemporaryDirectory()
+    store = write_activations(clip, [s.image for s in train], site, tmp.name, dtype="float32", progress=False)
+    cfg = SAEConfig(d_in=store.d[site], d_sae=d_sae, k=k, batch_size=512, lr=1e-3, warmup_steps=20, seed=0)
+    sae = SAE(cfg).fit(store, name=site, tokens=epochs * len(store), progress=False)
+    codes, meta = _codes_and_meta(clip, sae, [s.image for s in test], site)
+    src = (f"issue 13: TopK SAE (d_sae {d_sae}, k {k}) on {site}, {len(train)} training scenes; {len(test)} test "
+           "scenes; AUROC of the best feature per concept among object patch tokens")
+    return dict(lens=clip, sae=sae, site=site, train=train, test=test, codes=codes, meta=meta, store=store, tmp=tmp,
+                src=src)
+
+
+def score_clip() -> list[dict]:
+    from mmlens.world.scene import COLOURS, SHAPES
+
+    c = clip_setup()
+    out = _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "colour"), COLOURS, "sae", "clip",
+                     "colour", 0.95, c["src"])
+    return out + _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "shape"), SHAPES, "sae", "clip",
+                            "shape", None, c["src"])
+
+
+def metrics_clip() -> list[dict]:
+    from mmlens.methods import sae_metrics
+    from mmlens.organisms.prompts import PROMPTS
+
+    c = clip_setup()
+    test = c["test"][:96]
+    batch = dict(c["lens"].processor(images=[s.pil() for s in test], return_tensors="pt"))
+    m = sae_metrics(c["lens"], c["sae"], [batch], classes=PROMPTS, labels=[PROMPTS.index(s.short_caption) for s in test],
+                    progress=False)
+    d = m.downstream
+    return [line("sae_metrics", "clip", "explained_variance", m.explained_variance, 0.8, l0=round(m.l0, 2),
+                 source=c["src"] + "; held-out tokens; bar 0.8"),
+            line("sae_metrics", "clip", "zero_shot_acc_spliced", d["spliced"], 0.9 * d["clean"], clean=d["clean"],
+                 zero_ablated=d["zero"], source="class accuracy with the SAE's reconstruction in place of the site; "
+                                                "bar 0.9 x clean"),
+            line("sae_metrics", "clip", "dead_fraction", m.dead_fraction, None, source=c["src"])]
+
+
+def score_dashboard() -> list[dict]:
+    """The dashboard of each colour's best clip feature: the share of its top-16 patches over the training store
+    that lie on an object of that colour (ground truth from the scenes)."""
+    from mmlens.methods import feature_dashboard
+    from mmlens.world.scene import COLOURS
+
+    c = clip_setup()
+    rows = _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "colour"), COLOURS, "sae", "clip",
+                      "colour", None, "")
+    feats = [r["feature"] for r in rows[:-1]]
+    dash = feature_dashboard(c["lens"], c["sae"], c["store"], list(dict.fromkeys(feats)), k=16, images=[s.image for s in c["train"]],
+                             progress=False)
+    labels = np.array(_patch_labels(c["train"], 8, 8, "colour"), dtype=object).reshape(len(c["train"]), 64)
+    out = []
+    for colour, f in zip(COLOURS, feats):
+        top = [t for t in dash.top(f) if t["row"] >= 0]  # patch tokens (CLS has no cell)
+        in_image = float(np.mean([c["train"][int(t["example"])].objects[0].colour == colour for t in top]))
+        on_object = float(np.mean([labels[int(t["example"]), int(t["row"]) * 8 + int(t["col"])] == colour for t in top]))
+        out.append(line("sae_dashboard", "clip", f"top16_in_colour_images[{colour}]", in_image, 0.9, feature=f,
+                        on_the_object=round(on_object, 4),
+                        source="issue 13: the dashboard's top-activating patches of the colour's best feature (over "
+                               "the training store) come from images of that colour; bar 0.9. on_the_object: the share "
+                               "on the object's own cells (block 2 spreads colour over an image's patches)"))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def vlm_setup(n_train: int = 600, n_test: int = 160, d_sae: int = 1024, k: int = 16, epochs: int = 3) -> dict:
+    """vlm organism, lm.blocks.1.resid_post over image + question sequences (image tokens and text tokens, read
+    50/50 while fitting: a plain stream would be ~90% image tokens): does a feature fire on the image tokens of
+    one colour?"""
+    import mmlens.organisms as organisms
+    from mmlens.methods import SAE, SAEConfig
+    from mmlens.organisms.prompts import vlm_inputs
+    from mmlens.store import write_activations
+    from mmlens.world import make_scene
+
+    vlm = organisms.load("vlm")
+    site = "lm.blocks.1.resid_post"
+    size = vlm.model.config.vision_config.image_size
+    side = size // vlm.model.config.vision_config.patch_size
+
+    def batches(start, n):
+        scenes = [make_scene(start + i, size=size, background=None) for i in range(n)]
+        qs = [s.questions()[0][0] for s in scenes]
+        return scenes, [vlm_inputs(vlm, scenes[i:i + 32], qs[i:i + 32]) for i in range(0, n, 32)]
+
+    _, train = batches(SEED + 84_000, n_train)
+    test_scenes, test = batches(SEED + 86_000, n_test)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_activations(vlm, train, site, tmp, dtype="float32", progress=False)
+        cfg = SAEConfig(d_in=store.d[site], d_sae=d_sae, k=k, batch_size=512, lr=1e-3, warmup_steps=20, seed=0)
+        sae = SAE(cfg).fit(store, name=site, tokens=epochs * len(store), progress=False,
+                           stratify={"modality": {"image": 0.5, "text": 0.5}})
+    codes, meta = _codes_and_meta(vlm, sae, test, site)
+    src = (f"issue 13: TopK SAE (d_sae {d_sae}, k {k}) on the vlm's {site}, fit 50/50 on image and text tokens of "
+           f"{n_train} training scenes; {n_test} test scenes; AUROC among object image tokens")
+    return dict(lens=vlm, sae=sae, site=site, test=test, test_scenes=test_scenes, codes=codes, meta=meta,
+                side=side, src=src)
+
+
+def score_vlm() -> list[dict]:
+    from mmlens.world.scene import COLOURS
+
+    v = vlm_setup()
+    codes = v["codes"]
+    out = _alignment(codes, _cell_labels(v["test_scenes"], v["meta"], (v["side"], v["side"]), "colour"), COLOURS,
+                     "sae", "vlm", "image_colour", 0.95, v["src"])
+    image = torch.from_numpy(v["meta"]["modality"].numpy() == 1)
+    for row in out[:-1]:
+        fired = codes[:, row["feature"]] > 0
+        row["share_of_firing_on_image_tokens"] = round(float(fired[image].sum() / fired.sum().clamp(min=1)), 4)
+    return out
+
+
+def metrics_vlm() -> list[dict]:
+    from mmlens.methods import sae_metrics
+
+    v = vlm_setup()
+    m = sae_metrics(v["lens"], v["sae"], v["test"][:2], progress=False)
+    d = m.downstream
+    return [line("sae_metrics", "vlm", "explained_variance", m.explained_variance, 0.8, l0=round(m.l0, 2),
+                 source=v["src"] + "; bar 0.8"),
+            line("sae_metrics", "vlm", "ce_loss_recovered", d["recovered"], 0.8, clean=d["clean"], spliced=d["spliced"],
+                 zero_ablated=d["zero"], source="next-token cross-entropy on text tokens, SAE spliced in vs zero-"
+                                                "ablated site (SAELens's definition); bar 0.8")]
+
+
+@functools.lru_cache(maxsize=None)
+def score_diffusion(site: str = "unet.up.0.out", per_prompt: int = 3, steps: int = 20, d_sae: int = 256, k: int = 8,
+                    epochs: int = 2) -> list[dict]:
+    """diffusion organism: a TopK SAE on a UNet block over every step and guidance branch of generated images; the
+    feature that best marks red objects' latent cells (judge's masks of the final images) is clamped at every cell
+    and step while drawing objects of the other colours: does the judge then see red?"""
+    import mmlens.organisms as organisms
+    from mmlens.methods import SAE, SAEConfig, steer_features
+    from mmlens.organisms.prompts import PROMPTS
+    from mmlens.store import write_activations
+    from mmlens.store.diffusion import seeded_generators
+    from mmlens.world.judge import classify, detect
+    from mmlens.world.scene import COLOURS
+
+    sd = organisms.load("diffusion")
+    prompts = list(PROMPTS) * per_prompt
+    kw = dict(num_inference_steps=steps, guidance_scale=1.5, height=32, width=32)
+    seed = SEED + 88_000
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_activations(sd, prompts, site, tmp, dtype="float32", progress=False, seed=seed, **kw)
+        cfg = SAEConfig(d_in=store.d[site], d_sae=d_sae, k=k, batch_size=512, lr=1e-3, warmup_steps=20, seed=0)
+        sae = SAE(cfg).fit(store, name=site, tokens=epochs * len(store), progress=False)
+        where = {"branch": "cond", "step": list(range(steps // 2, steps))}  # the late half, where colour is read
+        x = store.tensor(site, where=where)
+        meta = {c: v[store.select(**where)] for c, v in store.meta.items()}
+    out_imgs = sd.generate(prompts, generator=seeded_generators(sd, torch.arange(len(prompts)), 1, seed),
+                           output_type="np", progress=False, **kw)[0].images
+    images = (np.asarray(out_imgs) * 255).round().astype(np.uint8)
+    rows, cols = int(meta["row"].max()) + 1, int(meta["col"].max()) + 1
+    from mmlens.hooks.tokens import area_pool
+
+    cell = np.full((len(prompts), rows * cols), "", dtype=object)
+    for i, img in enumerate(images):
+        for d in detect(img):
+            cover = area_pool(torch.from_numpy(d.mask), rows, cols).numpy().reshape(-1)
+            cell[i, cover >= 0.5] = d.colour
+    labels = cell[meta["example"].numpy(), (meta["row"] * cols + meta["col"]).numpy()]
+    with torch.no_grad():
+        codes = sae.encode(x)
+    src = (f"issue 13: TopK SAE (d_sae {d_sae}, k {k}) on {site}, every step and branch of {len(prompts)} generations; "
+           "features scored on the late half of the steps, conditional branch, judge's object cells")
+    out = _alignment(codes, labels, COLOURS, "sae", "diffusion", "colour", None, src)
+    red = out[list(COLOURS).index("red")]["feature"]
+    value = float(codes[torch.from_numpy(labels == "red"), red].quantile(0.9))
+    others = [p for p in PROMPTS if p.split()[1] != "red"] * 2
+    gens = seeded_generators(sd, torch.arange(len(others)) + 10_000, 1, seed)
+
+    def red_share(feature: int | None) -> float:
+        import contextlib
+
+        ctx = steer_features(sd, sae, {feature: value}, mode="clamp") if feature is not None else contextlib.nullcontext()
+        with ctx:
+            imgs = sd.generate(others, generator=[torch.Generator().set_state(g.get_state()) for g in gens],
+                               output_type="np", progress=False, **kw)[0].images
+        return float(np.mean([classify((im * 255).round().astype(np.uint8))[0] == "red" for im in imgs]))
+
+    rng = np.random.RandomState(0)
+    control = int(rng.choice([f for f in range(d_sae) if f != red]))
+    base, clamped, ctrl = red_share(None), red_share(red), red_share(control)
+    csrc = (f"the red feature ({red}) clamped to {value:.2f} (its 90th percentile on red cells) at every cell, step "
+            f"and branch of {len(others)} prompts of the other colours; share the judge calls red")
+    out += [line("sae_splice", "diffusion", "red_feature_clamp_red_share", clamped, 0.5, feature=red,
+                 unclamped=base, random_feature=ctrl, random_feature_index=control, source=csrc + "; bar 0.5"),
+            line("sae_splice", "diffusion", "random_feature_clamp_red_share", ctrl, None, source=csrc)]
+    return out
+
+
+def score() -> list[dict]:
+    """Feature alignment with the ground truth on the three organisms (clamping: `score_splice`)."""
+    return score_clip() + score_vlm() + score_diffusion()[:-2]
+
+
+def score_metrics() -> list[dict]:
+    return metrics_clip() + metrics_vlm()
+
+
+def score_splice() -> list[dict]:
+    return score_diffusion()[-2:]
