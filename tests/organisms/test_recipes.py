@@ -12,7 +12,7 @@ from mmlens.organisms import WEIGHTS, available
 TINY = {
     "clip": dict(steps=2, batch=8, pool=16, warmup=1),
     "vlm": dict(vision_steps=1, vision_batch=4, steps=2, batch=2, pool=8, warmup=1),
-    "diffusion": dict(vae_steps=1, vae_batch=4, steps=2, batch=4, pool=8, warmup=1),
+    "diffusion": dict(vae_steps=1, vae_batch=4, steps=2, batch=4, pool=8, pairs=8, warmup=1),
 }
 
 

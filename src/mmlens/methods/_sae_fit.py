@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..store import ActivationStore
 from ..train import Checkpointer, cosine_lr
 from ._sae_kernels import JumpReLU, Step, fixed_offsets, sparse_decode, sparse_encode, topk_pre
 
@@ -263,17 +264,13 @@ class Trainer:
 
 
 # -------------------------------------------------------------------------------------------------- sources
-def _is_store(data) -> bool:
-    return hasattr(data, "batches") and hasattr(data, "names") and hasattr(data, "d")
-
-
 class _Source:
     """Batches for steps start.. of any accepted data source, with the total step count it implies."""
 
     def __init__(self, sae, data, name: str | None, batches_kwargs: dict, rank: int, world: int):
         cfg = sae.cfg
         self.data, self.kw, self.rank, self.world, self.cfg = data, batches_kwargs, rank, world, cfg
-        if _is_store(data):
+        if isinstance(data, ActivationStore):
             self.kind = "store"
             if name is None:
                 if len(data.names) != 1:

@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..hooks.tokens import MODALITIES
+from ..store import ActivationStore
 from .result import Result, provenance
 from .sae_splice import _sae_input, sae_spliced, site_names
 from .splice import image_embeddings
@@ -217,7 +218,7 @@ def sae_metrics(lens, sae, inputs=None, *, store=None, name: str | None = None, 
     (default 10%, 50%, 90% of the training schedule), `batch_size` prompts per denoiser call.
     `downstream=False` skips the three model runs.
     """
-    if _is_store(inputs):
+    if isinstance(inputs, ActivationStore):
         if store is not None:
             raise ValueError("inputs is an ActivationStore and store= is given too; pass one store")
         inputs, store = None, inputs
@@ -250,11 +251,6 @@ def sae_metrics(lens, sae, inputs=None, *, store=None, name: str | None = None, 
 def _sae_desc(sae) -> dict:
     c = sae.cfg
     return {"architecture": c.architecture, "d_in": c.d_in, "d_sae": c.d_sae, "k": c.k, "hook_name": c.hook_name}
-
-
-def _is_store(x) -> bool:
-    return x is not None and not isinstance(x, (Mapping, str, Sequence)) and hasattr(x, "batches") \
-        and hasattr(x, "names")
 
 
 def _from_store(store, site_name: str, sae, stats: ReconstructionStats, progress: bool) -> None:

@@ -27,10 +27,11 @@ DATA = {
            "(colour of a shape, shape of a colour, count, left/right, is-there with present and near-miss absent "
            "objects), cross-entropy on every one-word answer, plus the read-out and a grounding loss (the LM names "
            "each object patch's colour and shape at its image token).",
-    "diffusion": "8,000 single-object world scenes (32x32, plain background) with prompts 'a {colour} {shape}' "
-                 "(10% empty for guidance). A tiny AutoencoderKL (2x, 4 latent channels, MSE) trained first; then "
+    "diffusion": "8,000 single-object world scenes (32x32, plain background) with prompts 'a {colour} {shape}' and "
+                 "4,000 two-object scenes with 'a {colour} {shape} and a {colour} {shape}' in random object order, "
+                 "half the batch each (10% empty for guidance). A tiny AutoencoderKL (2x, 4 latent channels, MSE) trained first; then "
                  "the UNet (convolutions at 16x16, attention at 8x8) with x0-prediction on its latents, conditioned on "
-                 "the frozen clip organism's text tower. Evaluated with DDIM 25 steps, guidance 1.5.",
+                 "the clip organism's text tower, fine-tuned with it at 0.3x the learning rate. Evaluated with DDIM 25 steps, guidance 1.5.",
 }
 
 

@@ -26,6 +26,8 @@ def single_object_pool(n: int, seed: int, size: int = 48, background: str | None
     return scenes, np.stack([s.image for s in scenes])
 
 
-def scene_pool(n: int, seed: int, size: int = 48):
-    scenes = [make_scene(seed * 1_000_000 + k, size=size, background=None) for k in range(n)]
+def scene_pool(n: int, seed: int, size: int = 48, n_objects: int | None = None, background: str | None = None):
+    """(scenes, images uint8) of 1-3 object scenes (`n_objects` fixes the count) on random textures (or `background`)."""
+    scenes = [make_scene(seed * 1_000_000 + k, size=size, background=background, n_objects=n_objects)
+              for k in range(n)]
     return scenes, np.stack([s.image for s in scenes])

@@ -77,8 +77,10 @@ def evaluate_vlm(model_or_path, n_scenes: int = 200, seed: int = 0, batch: int =
 @torch.no_grad()
 def evaluate_diffusion(model_or_path, per_prompt: int = 4, steps: int = 25, guidance: float = 1.5,
                        seed: int = 0) -> dict:
-    """Sample every 'a {colour} {shape}' prompt and judge each image with the world's pixel judge."""
-    from ..world.judge import classify
+    """Sample every 'a {colour} {shape}' prompt and judge each image with the world's pixel judge; as many
+    two-object prompts, judged right when both objects are found with their colour and shape (`pair_both_acc`,
+    reported, no threshold)."""
+    from ..world.judge import classify, detect
 
     lens = _lens(model_or_path)
     prompts = PROMPTS
@@ -91,5 +93,19 @@ def evaluate_diffusion(model_or_path, per_prompt: int = 4, steps: int = 25, guid
         c, s = classify((img * 255).round().astype(np.uint8))
         col.append(c == p.split()[1])
         shp.append(s == p.split()[2])
+    pairs = _pair_prompts(len(prompts), EVAL_SEED_OFFSET + seed, size)
+    gen = torch.Generator().manual_seed(EVAL_SEED_OFFSET + seed + 1)
+    pair_images = lens.model(pairs, num_inference_steps=steps, guidance_scale=guidance, generator=gen, height=size,
+                             width=size, output_type="np").images
+    both = []
+    for p, img in zip(pairs, pair_images):
+        found = {(d.colour, d.shape) for d in detect((img * 255).round().astype(np.uint8))}
+        w = p.split()
+        both.append((w[1], w[2]) in found and (w[5], w[6]) in found)
     return {"colour_acc": float(np.mean(col)), "shape_acc": float(np.mean(shp)), "n": len(images),
-            "steps": steps, "guidance": guidance}
+            "pair_both_acc": float(np.mean(both)), "n_pairs": len(pairs), "steps": steps, "guidance": guidance}
+
+
+def _pair_prompts(n: int, seed: int, size: int) -> list[str]:
+    """'a {colour} {shape} and a {colour} {shape}' captions of seeded two-object scenes, objects left to right."""
+    return [make_scene(seed + k, n_objects=2, size=size).short_caption for k in range(n)]
