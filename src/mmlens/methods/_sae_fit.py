@@ -415,6 +415,7 @@ def fit(sae, data, *, name: str | None = None, tokens: int | None = None, steps:
 
 def explained_variance(recon: Tensor, target: Tensor) -> float:
     """1 - residual variance / input variance over a batch (summed over dimensions)."""
+    recon, target = recon.detach(), target.detach()
     resid = (target - recon).float().pow(2).sum()
     total = (target - target.mean(0)).float().pow(2).sum().clamp_min(1e-12)
     return float(1 - resid / total)
