@@ -144,8 +144,18 @@ def score_clip() -> list[dict]:
     c = clip_setup()
     out = _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "colour"), COLOURS, "sae", "clip",
                      "colour", 0.95, c["src"])
-    return out + _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "shape"), SHAPES, "sae", "clip",
-                            "shape", None, c["src"])
+    out += _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "shape"), SHAPES, "sae", "clip",
+                      "shape", None, c["src"])
+    # per image: each feature's largest activation over the image's tokens (block 2 has spread colour over them)
+    ex = c["meta"]["example"]
+    pooled = torch.zeros(len(c["test"]), c["codes"].shape[1]).index_reduce_(0, ex, c["codes"], "amax")
+    colours = np.array([s.objects[0].colour for s in c["test"]])
+    for colour in COLOURS:
+        a = auroc(pooled, torch.from_numpy(colours == colour))
+        out.append(line("sae", "clip", f"per_image_colour_auroc[{colour}]", float(a.max()), None, feature=int(a.argmax()),
+                        source="reported, no bar: per image, each feature's max over the image's tokens; the best "
+                               "feature's AUROC for the object's colour against the other images"))
+    return out
 
 
 def metrics_clip() -> list[dict]:
