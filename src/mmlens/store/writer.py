@@ -141,7 +141,7 @@ class ShardSink:
 
     def add(self, acts: dict[str, Tensor], meta: dict[str, Tensor], local_end: int) -> None:
         self.local_end = local_end
-        if not acts:
+        if not acts:  # a batch with no tokens (e.g. text-only rows at a vision site) still counts as done
             return
         d = self.state["d"]
         for name, a in acts.items():
@@ -153,7 +153,6 @@ class ShardSink:
         n = len(next(iter(meta.values())))
         self.n_pending += n
         self.tokens += n
-        self.local_end = local_end
         if self.n_pending >= self.shard_tokens:
             self.flush()
 
