@@ -138,12 +138,21 @@ def clip_setup(n_train: int = 1200, n_test: int = 240, d_sae: int = 512, k: int 
                 src=src)
 
 
+@functools.lru_cache(maxsize=None)
+def clip_colour_rows() -> tuple[dict, ...]:
+    """The clip SAE's best feature per colour (score lines), computed once for the scores and the dashboards."""
+    from mmlens.world.scene import COLOURS
+
+    c = clip_setup()
+    return tuple(_alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "colour"), COLOURS, "sae", "clip",
+                            "colour", 0.95, c["src"]))
+
+
 def score_clip() -> list[dict]:
     from mmlens.world.scene import COLOURS, SHAPES
 
     c = clip_setup()
-    out = _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "colour"), COLOURS, "sae", "clip",
-                     "colour", 0.95, c["src"])
+    out = [dict(row) for row in clip_colour_rows()]
     out += _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "shape"), SHAPES, "sae", "clip",
                       "shape", None, c["src"])
     # per image: each feature's largest activation over the image's tokens (block 2 has spread colour over them)
@@ -183,9 +192,7 @@ def score_dashboard() -> list[dict]:
     from mmlens.world.scene import COLOURS
 
     c = clip_setup()
-    rows = _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "colour"), COLOURS, "sae", "clip",
-                      "colour", None, "")
-    feats = [r["feature"] for r in rows[:-1]]
+    feats = [r["feature"] for r in clip_colour_rows()[:-1]]
     dash = feature_dashboard(c["lens"], c["sae"], c["store"], list(dict.fromkeys(feats)), k=16, images=[s.image for s in c["train"]],
                              progress=False)
     labels = np.array(_patch_labels(c["train"], 8, 8, "colour"), dtype=object).reshape(len(c["train"]), 64)
