@@ -271,9 +271,6 @@ def test_errors(tiny_lens):
         relevancy(llava, li, "red", position=999)
     with pytest.raises(ValueError, match="no pixel_values"):
         relevancy(llava, {"input_ids": li["input_ids"]}, "red")
-    with pytest.raises(TypeError, match="BLIP-2"):
-        blip = tiny_lens("blip2")
-        relevancy(blip, sample_inputs("blip2", blip), "red")
     with pytest.raises(ValueError, match="labels .* repeat"):
         relevancy(llava, li, ["red", "red"])
 

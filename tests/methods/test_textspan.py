@@ -225,7 +225,7 @@ def test_clip_segmentation_by_hand(tiny_lens):
 def test_siglip_segmentation_sums_to_pooled(tiny_lens):
     lens = tiny_lens("siglip")
     images = _images(2)
-    seg = text_segmentation(lens, images, POOL[:2])
+    seg = text_segmentation(lens, images, POOL[:2], head_mlp="none")
     assert seg.maps.shape == (2, 2, 4, 4)
     m = lens.model
     pv = lens.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]

@@ -8,12 +8,13 @@ plots and renders in Jupyter (`result.Result`). Methods import only the core (le
 never `world`, `organisms` or `testing`: the scoring in `benchmarks/groundtruth.py` imports methods, not the reverse.
 """
 
-from .data_attribution import (TRAK, AttributionResult, TRAKConfig, contrastive_margin, generative_margin,
+from .data_attribution import (TRAK, AttributionResult, TRAKConfig, TRAKEnsemble, contrastive_margin, generative_margin,
                                representation_similarity)
 from .diffusion_lens import DiffusionLensResult, diffusion_lens
 from .dissection import (DissectionResult, clip_dissect, image_activations, labeller_similarities, net_dissect,
                          unit_maps)
-from .direct_effects import DirectEffectsResult, DirectLogitResult, direct_effects, direct_logit_attribution
+from .direct_effects import (DirectEffectsResult, DirectLogitResult, direct_effects, direct_logit_attribution,
+                             split_pooling_mlp)
 from .feature_viz import (DatasetExamples, FeatureVizResult, Objective, custom, dataset_examples, direction, unit,
                           visualize)
 from .gradient_maps import GradientMapResult, gradient_map
@@ -42,12 +43,12 @@ from .word_maps import WordMapResult, word_maps
 __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "JointLensResult", "KnockoutResult", "knockout", "LinearProbe",
            "LinearProbeConfig", "LogitLensResult", "NeuronAttributionResult", "NeuronWeightsResult", "Corruption", "PatchResult", "attribution_patching", "gaussian_noise", "patch", "replace_tokens", "PixelFeatures",
            "PixelProbeResult", "ProbeSweepResult", "Result", "SteeringSweepResult", "SteeringVector", "SteeringVectorConfig", "steer", "steering", "steering_sweep", "task_vector", "TopActivations", "TunedLens", "TunedLensConfig",
-           "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution",
+           "ablate_neurons", "diffusion_lens", "diffusion_probe_features", "direct_effects", "direct_logit_attribution", "split_pooling_mlp",
            "joint_lens", "kl_to_final", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",
            "probe_sweep", "provenance", "top_activating",
            "DatasetExamples", "FeatureVizResult", "Objective", "custom", "dataset_examples", "direction", "unit",
            "visualize",
-           "AttributionResult", "TRAK", "TRAKConfig", "contrastive_margin", "generative_margin",
+           "AttributionResult", "TRAK", "TRAKConfig", "TRAKEnsemble", "contrastive_margin", "generative_margin",
            "representation_similarity",
            "MapResult", "WordMapResult", "word_maps", "GradientMapResult", "RelevancyResult", "gradient_map", "relevancy",
            "DissectionResult", "clip_dissect", "image_activations", "labeller_similarities", "net_dissect", "unit_maps",

@@ -8,6 +8,10 @@
     trak.save("out/trak_fitted"); TRAK.load("out/trak_fitted")
     base = representation_similarity(clip, test_inputs, train_batches, name="image_embeds")   # the baseline
 
+    ens = TRAKEnsemble(TRAKConfig(proj_dim=1024, params="vision_model.encoder.layers.3.*"))   # over M models
+    ens.fit(clip, train_batches, contrastive_margin, checkpoints=["a.safetensors", "b.safetensors"], store="out/e")
+    res = ens.attribute(clip, test_inputs, contrastive_margin, checkpoints=["a.safetensors", "b.safetensors"])
+
 How. For every training example x_i, the gradient g_i of the model output function f (one scalar per example, see
 `_data_attribution_result`) with respect to the chosen parameters is projected to `proj_dim` dimensions by a seeded
 random matrix P (Rademacher or Gaussian, entries of variance 1 / proj_dim): phi_i = P^T g_i. With Phi the stacked
@@ -18,8 +22,10 @@ features, a target z scores every training example by
 the linearised model's influence of x_i on f(z) (for a linear model and no projection it is exactly
 g_z^T (G^T G)^-1 g_i). `damping` sets lambda relative to the mean diagonal of Phi^T Phi: it keeps the solve defined
 when proj_dim exceeds the number of examples. The weighting is TRAK's Q for outputs that are logit margins (as
-`contrastive_margin` and `generative_margin` are); switch it off for other outputs. Ensembles over checkpoints
-are not implemented: fit one TRAK per checkpoint and average the scores.
+`contrastive_margin` and `generative_margin` are); switch it off for other outputs. `TRAKEnsemble` (in
+`_trak_ensemble`) averages over M models or checkpoints as the paper does: the mean of the M models' scores times
+the mean of their weightings, one model in memory at a time (several lenses, or one lens and a list of state
+dicts swapped into it in turn).
 
 Per-example gradients. When the output function says which input keys hold one row per example (`example_keys`),
 `torch.func.vmap(grad(...))` over `functional_call` takes them all in one pass; when that fails (a model doing
@@ -456,5 +462,14 @@ def _read_shard(path: Path, fingerprint: str, digest: str, j: int) -> tuple[Tens
         return f.get_tensor("features"), f.get_tensor("outputs")
 
 
-__all__ = ["AttributionResult", "TRAK", "TRAKConfig", "contrastive_margin", "generative_margin",
+def __getattr__(name: str):
+    """`TRAKEnsemble` lives in `_trak_ensemble` (it builds on TRAK); imported on first use, in either order."""
+    if name == "TRAKEnsemble":
+        from ._trak_ensemble import TRAKEnsemble
+
+        return TRAKEnsemble
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AttributionResult", "TRAK", "TRAKConfig", "TRAKEnsemble", "contrastive_margin", "generative_margin",
            "representation_similarity", "representations"]

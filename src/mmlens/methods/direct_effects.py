@@ -220,6 +220,57 @@ def _norm_linear(norm: nn.Module, resid: Tensor) -> tuple[Callable[[Tensor], Ten
     return (lambda t: gain * t / rms.view(-1, *[1] * (t.dim() - 2), 1)), None
 
 
+HEAD_MLP_SPLITS = ("integrated", "linearised")
+
+
+@torch.no_grad()
+def split_pooling_mlp(head: nn.Module, terms: Float[Tensor, "batch n d"], *, mlp: str = "integrated",
+                      steps: int = 16) -> Float[Tensor, "batch n d"]:
+    """Each term's share (float32, CPU) of a SigLIP pooling head's MLP term `head.mlp(head.layernorm(p))`, where
+    `p = terms.sum(1)` is the attention-pooled vector and the terms are any split of it (tokens, components).
+
+    The layernorm is held at p's own scale, as TextSpan linearises CLIP's final norm: `layernorm(p) = b + sum_n u_n`
+    with `u_n = w * (t_n - mean(t_n)) / std(p)`, linear in the terms. (Its true Jacobian would not do: layernorm is
+    scale-invariant, so it maps p itself to zero and the shares would add up to nothing.) Then, with J(z) the MLP's
+    Jacobian, applied to all the u_n at once by a jvp batched over them (no d x d matrix is formed):
+
+    - 'linearised': share_n = J(layernorm(p)) u_n, first order at the input the model really had;
+    - 'integrated': share_n = (integral over a in [0, 1] of J(b + a sum u)) u_n by Gauss-Legendre with `steps`
+      nodes: Integrated Gradients from the baseline p = 0 along the straight line to p, so the shares add up to
+      `mlp(layernorm(p)) - mlp(b)` (completeness), up to the quadrature's error.
+
+    What the shares leave of the exact MLP term (mlp(b), the image-independent output at the baseline, plus the
+    curvature or quadrature error) is not placed here: the caller decides (see `text_segmentation`)."""
+    if mlp not in HEAD_MLP_SPLITS:
+        raise ValueError(f"mlp must be one of {HEAD_MLP_SPLITS}; got {mlp!r:.40}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int (quadrature nodes); got {steps!r:.40}")
+    ln, f = head.layernorm, head.mlp
+    dev = next(f.parameters()).device
+    params = {k: v.detach().float().to(dev) for k, v in f.named_parameters()}
+    t = terms.detach().float().to(dev)
+    d = t.shape[-1]
+    w = ln.weight.detach().float().to(dev) if ln.weight is not None else torch.ones(d, device=dev)
+    b = ln.bias.detach().float().to(dev) if ln.bias is not None else torch.zeros(d, device=dev)
+    p = t.sum(1)
+    std = p.var(-1, unbiased=False, keepdim=True).add(ln.eps).sqrt()  # (batch, 1)
+    u = w * (t - t.mean(-1, keepdim=True)) / std[:, None]  # (batch, n, d)
+    if mlp == "linearised":
+        nodes, weights = [1.0], [1.0]
+    else:
+        import numpy as np
+
+        x, wq = np.polynomial.legendre.leggauss(steps)
+        nodes, weights = ((x + 1) / 2).tolist(), (wq / 2).tolist()
+    fn = lambda z: torch.func.functional_call(f, params, (z,))  # noqa: E731
+    out = torch.zeros_like(u)
+    for a, wt in zip(nodes, weights):
+        z = b + a * u.sum(1)  # (batch, d): the point on the path
+        jv = torch.func.vmap(lambda v: torch.func.jvp(fn, (z,), (v,))[1], in_dims=1, out_dims=1)(u)
+        out += wt * jv
+    return out.cpu()
+
+
 def _blocks(lens, prefix: str) -> int:
     return 1 + max(int(n.split(".")[2]) for n in lens.hook_points(f"{prefix}.blocks.*.resid_post"))
 
@@ -249,7 +300,7 @@ def _o_proj(lens, prefix: str, i: int) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------ techniques
 @torch.no_grad()
-def direct_effects(lens, inputs, *, per_position: bool = False) -> DirectEffectsResult:
+def direct_effects(lens, inputs, *, per_position: bool = False, head_mlp: str = "block") -> DirectEffectsResult:
     """The image embedding of a CLIP or SigLIP model as a sum of per-head, per-MLP and embedding terms (TextSpan).
 
     CLIP: `visual_projection(post_layernorm(resid_final[:, 0]))`. The residual at CLS is the pre-LN embeddings plus
@@ -266,6 +317,10 @@ def direct_effects(lens, inputs, *, per_position: bool = False) -> DirectEffects
     component's share of `p` ('ln_post.bias' carries post_layernorm's bias through V and out_proj; 'head.bias' the
     V and out_proj biases). The residual MLP of the head is not linear and has no exact split: it is one component
     'head.mlp', computed as the exact difference to `get_image_features`, so the total still matches.
+    `head_mlp='integrated'` or `'linearised'` (SigLIP only; default 'block': one component) splits that MLP term
+    over the components as well (`split_pooling_mlp`: each component's share of it, added to the component's term);
+    'head.mlp' then holds only what the split leaves ('integrated': about mlp(layernorm.bias), the same for every
+    image, plus the quadrature's error).
 
     `per_position=True` (CLIP only) also fills `positions` (batch, components, seq, d_embed): each head's term
     split by the key position it attended to (`pattern[cls, j] * v_j` through out_proj and the read-out), summing
@@ -280,6 +335,10 @@ def direct_effects(lens, inputs, *, per_position: bool = False) -> DirectEffects
         raise TypeError(f"direct_effects decomposes CLIP and SigLIP image towers; got {arch}")
     if "pixel_values" not in inputs:
         raise ValueError("direct_effects needs images: pass processor output with pixel_values")
+    if head_mlp not in ("block", *HEAD_MLP_SPLITS):
+        raise ValueError(f"head_mlp must be one of {('block', *HEAD_MLP_SPLITS)}; got {head_mlp!r:.40}")
+    if head_mlp != "block" and arch != "siglip":
+        raise ValueError(f"head_mlp={head_mlp!r} splits SigLIP's pooling-head MLP; {arch} has none (leave 'block')")
     if per_position and arch != "clip":
         raise ValueError("per_position=True is implemented for CLIP's class token only (see the docstring)")
     tower_cls = lens.adapter.tower_classes["vision"]
@@ -365,10 +424,12 @@ def direct_effects(lens, inputs, *, per_position: bool = False) -> DirectEffects
     parts.append(hb.expand(batch, 1, d))
     labels.append("head.bias")
     parts = torch.cat(parts, 1)
+    if head_mlp != "block":  # each component's share of the MLP term; 'head.mlp' keeps what is left
+        parts = parts + split_pooling_mlp(head, parts, mlp=head_mlp)
     rest = features - parts.sum(1)  # the head's residual MLP on layernorm(pooled): non-linear, exact difference
     parts = torch.cat([parts, rest[:, None]], 1)
     labels.append("head.mlp")
-    meta = provenance(lens, names, per_position=False, embed=embed_name)
+    meta = provenance(lens, names, per_position=False, embed=embed_name, head_mlp=head_mlp)
     return DirectEffectsResult(meta=meta, labels=labels, terms=parts, by_position=torch.zeros(0),
                                logit_scale=model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1.0,
                                logit_bias=model.logit_bias.item() if hasattr(model, "logit_bias") else 0.0)
@@ -448,4 +509,5 @@ def direct_logit_attribution(lens, inputs, token: int | str, *, position: str | 
                              token=token, positions=pos)
 
 
-__all__ = ["DirectEffectsResult", "DirectLogitResult", "direct_effects", "direct_logit_attribution"]
+__all__ = ["DirectEffectsResult", "DirectLogitResult", "direct_effects", "direct_logit_attribution",
+           "split_pooling_mlp"]

@@ -19,9 +19,11 @@ identity term carries each token's own contribution through the residual stream.
 
 Generative VLMs: the LM's relevancy row at the answer position gives a value per sequence position (text tokens:
 `token_relevancy`); its entries at the image tokens (`lens.token_map`) are carried on through the vision tower's own
-relevancy (the same rule on its attention, the same gradient), so the map is over the tower's input patches. CLIP /
-SigLIP: the vision tower's relevancy at CLS (CLIP) or through SigLIP's attention-pooling probe, and the text tower's
-at the pooled token of the target text.
+relevancy (the same rule on its attention, the same gradient), so the map is over the tower's input patches. BLIP-2:
+its LM image positions are the Q-Former's learned queries, which have no patch cell; the LM row at the queries is
+carried to the vision tokens by the paper's encoder-decoder rules through the Q-Former's self- and cross-attention
+(`_relevancy_blip2`). CLIP / SigLIP: the vision tower's relevancy at CLS (CLIP) or through SigLIP's attention-pooling
+probe, and the text tower's at the pooled token of the target text.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .maps import MapResult, images_uint8
 from .result import provenance, require_family, token_id
 
 METHODS = ("chefer", "rollout")
-_EMBEDS = ("vision.embed", "text.embed", "lm.embed")
+_EMBEDS = ("vision.embed", "text.embed", "lm.embed", "qformer.query_tokens")  # leaves: every map gets a gradient
 
 
 @dataclasses.dataclass(repr=False)
@@ -358,10 +360,12 @@ def relevancy(lens, inputs: Mapping[str, Any], target=None, *, method: str = "ch
     `method`: "chefer" (gradient-weighted, one backward per map) or "rollout" (attention only; the target just labels
     the maps). `through_vision` (VLMs): carry the LM's image-token relevancy through the vision tower (default: where
     LM image tokens are the tower's own tokens, LLaVA and PaliGemma; False gives the LM-level map on the token grid).
+    BLIP-2 (decoder LMs such as OPT; T5 attention is not hooked): the LM's relevancy at the query positions goes
+    through the Q-Former (Chefer's encoder-decoder rules, eq. 6-11) to the vision tokens, and on through the vision
+    tower's self-attention unless through_vision=False (then the map is over the tower's output tokens).
     `images`: what to draw the maps over (default: pixel_values un-normalised).
 
-    One image per batch row for VLMs. BLIP-2 is not supported: its learned queries have no patch cell, and the
-    bi-modal rules through the Q-Former's cross-attention are not implemented.
+    One image per batch row for VLMs.
     """
     require_family(lens, ("contrastive", "generative"), "relevancy")
     if method not in METHODS:
@@ -475,16 +479,8 @@ def _pooled_positions(lens, input_ids: Tensor) -> list[int]:
     return (input_ids == eos).int().argmax(-1).tolist()
 
 
-def _generative(lens, inputs: dict, target, method: str, position, through_vision, images) -> RelevancyResult:
-    if lens.architecture == "blip2":
-        raise TypeError("relevancy: BLIP-2's learned queries have no patch cell and the Q-Former's cross-attention "
-                        "rules are not implemented; use gradient_map for BLIP-2")
-    tv = lens.architecture in ("llava", "paligemma") if through_vision is None else through_vision
-    if not isinstance(tv, bool):
-        raise TypeError(f"through_vision must be True, False or None; got {through_vision!r:.40}")
-    if tv and lens.architecture not in ("llava", "paligemma"):
-        raise ValueError(f"through_vision=True: {lens.architecture}'s LM image tokens are not the vision tower's own "
-                         "tokens (merged or resampled), so its relevancy cannot be carried through; use False")
+def generative_setup(lens, inputs: dict, target, position) -> tuple:
+    """Checks shared by the generative paths: (token map, batch, seq, answer positions (b,), targets)."""
     if not isinstance(inputs.get("input_ids"), Tensor):
         raise ValueError("relevancy: inputs hold no input_ids tensor; pass what the processor returns")
     tm = lens.token_map(inputs)
@@ -493,7 +489,21 @@ def _generative(lens, inputs: dict, target, method: str, position, through_visio
     if any(p != [r] for r, p in enumerate(per_row)):
         raise ValueError(f"relevancy needs exactly one image per batch row; rows hold images {per_row}")
     pos = answer_positions(lens, inputs, position, b, seq)
-    targets = parse_targets(lens, inputs, target, b)
+    return tm, b, seq, pos, parse_targets(lens, inputs, target, b)
+
+
+def _generative(lens, inputs: dict, target, method: str, position, through_vision, images) -> RelevancyResult:
+    if lens.architecture == "blip2":
+        from ._relevancy_blip2 import blip2_relevancy
+
+        return blip2_relevancy(lens, inputs, target, method, position, through_vision, images)
+    tv = lens.architecture in ("llava", "paligemma") if through_vision is None else through_vision
+    if not isinstance(tv, bool):
+        raise TypeError(f"through_vision must be True, False or None; got {through_vision!r:.40}")
+    if tv and lens.architecture not in ("llava", "paligemma"):
+        raise ValueError(f"through_vision=True: {lens.architecture}'s LM image tokens are not the vision tower's own "
+                         "tokens (merged or resampled), so its relevancy cannot be carried through; use False")
+    tm, b, seq, pos, targets = generative_setup(lens, inputs, target, position)
     lm_names = lens.hook_points("lm.blocks.*.attn.pattern")
     v_names = lens.hook_points("vision.blocks.*.attn.pattern") if tv else []
     grad = method == "chefer"

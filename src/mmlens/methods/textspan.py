@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .direct_effects import DirectEffectsResult, direct_effects
+from .direct_effects import DirectEffectsResult, direct_effects, split_pooling_mlp
 from .maps import MapResult, grid_of, images_uint8
 from .result import Result, provenance, require_family
 
@@ -359,11 +359,20 @@ def textspan(lens, images_or_inputs, texts=None, *, heads="last", k: int = 5, te
                           share=torch.tensor(share))
 
 
+SIGLIP_HEAD_MLP = ("integrated", "linearised", "none")
+
+
 @torch.no_grad()
-def _siglip_tokens(lens, pv: Tensor) -> tuple[Tensor, Tensor]:
-    """SigLIP: each final token's term in the attention-pooled output (batch, seq, d) and the image features
-    (batch, d). With the probe's attention weights a_hj of the actual run, the pooled vector minus out_proj's bias
-    is exactly `sum_j sum_h a_hj V_h(x_j) O_h`; the head's residual MLP on top is not linear and is left out."""
+def _siglip_tokens(lens, pv: Tensor, head_mlp: str = "integrated") -> tuple[Tensor, Tensor]:
+    """SigLIP: each final token's term in the image features (batch, seq, d) and the features (batch, d).
+
+    The pooled vector, with the probe's attention weights a_hj of the actual run, is exactly
+    `sum_j sum_h a_hj V_h(x_j) O_h` plus out_proj's bias: the first part is token j's own ('none' stops there, the
+    split before the head's MLP was split: its maps leave out that bias and the MLP). Otherwise out_proj's bias goes
+    to the tokens by the probe's attention averaged over heads (abar_j, summing to 1), each token gets its share of
+    the head's MLP term (`split_pooling_mlp`: 'integrated' or 'linearised'), and what those shares leave of the
+    exact MLP term (features minus pooled, minus the shares) goes by abar_j too: a token's part of what no token
+    explains is the part of the pooled vector the probe read from it. The terms then sum to the features exactly."""
     model = lens.model
     vm = model.vision_model
     p = next(vm.parameters())
@@ -379,26 +388,44 @@ def _siglip_tokens(lens, pv: Tensor) -> tuple[Tensor, Tensor]:
     bv = mha.in_proj_bias.detach().float().cpu()[2 * d:] if mha.in_proj_bias is not None else torch.zeros(d)
     v = (x.float().cpu() @ wv.T + bv).reshape(b, seq, h, d // h)
     per = torch.einsum("bsht,bhs->bsht", v, a).reshape(b, seq, d) @ mha.out_proj.weight.detach().float().cpu().T
-    return per, out.pooler_output.float().cpu()
+    feats = out.pooler_output.float().cpu()
+    if head_mlp == "none":
+        return per, feats
+    abar = a.mean(1)[..., None]  # (batch, seq, 1)
+    if mha.out_proj.bias is not None:
+        per = per + abar * mha.out_proj.bias.detach().float().cpu()
+    per = per + split_pooling_mlp(head, per, mlp=head_mlp)
+    return per + abar * (feats - per.sum(1))[:, None], feats
 
 
 def text_segmentation(lens, images_or_inputs, texts=None, *, heads="all", text_embeds: Tensor | None = None,
-                      relative: bool = False, batch_size: int = 4) -> MapResult:
+                      relative: bool = False, batch_size: int = 4, head_mlp: str = "integrated") -> MapResult:
     """A zero-shot segmenter from the patch-level decomposition (TextSpan, section 5): each patch's direct
     contribution to the normalised image embedding, projected on a text's embedding, is how much that patch makes
     the image match the text; the map over patches is a `MapResult` (labels: the texts).
 
     CLIP: `direct_effects(..., per_position=True)`, the chosen `heads` ('all' by default; 'last', a glob or a list)
-    split by the key position their class-token query read, summed over heads; the class token itself is dropped.
-    SigLIP: each final token's term in the attention-pooling head (the pooling head's per-token split; `heads`
-    must stay 'all': the tower's own heads are not split by position there). `relative=True` subtracts, per patch,
-    the mean over the texts' maps: what favours this text over the others given.
+    split by the key position their class-token query read, summed over heads; the class token itself is dropped
+    (CLIP has no pooling head: `head_mlp` does not apply there).
+    SigLIP: each final token's term in the image features through the attention-pooling head (`heads` must stay
+    'all': the tower's own heads are not split by position there). `head_mlp` says what becomes of the head's
+    residual MLP, `embed = p + mlp(layernorm(p))`: 'integrated' (default) gives each token its share of it,
+    Integrated Gradients along p from 0 with the layernorm's scale held (exact up to the quadrature: the shares add
+    up to the MLP term less its image-independent output at p = 0); 'linearised' the first-order share at the
+    actual p (as TextSpan linearises CLIP's final norm; misses the MLP's curvature); both place what the shares
+    leave by the probe's attention, so the maps add up over the patches to the image-text cosine. 'none' leaves the
+    MLP and out_proj's bias out (the maps then add up to the pooled attention output alone). On a random tiny
+    SigLIP the linearised shares leave ~30% of the MLP term's norm unexplained, the integrated ones ~1e-6.
+    `relative=True` subtracts, per patch, the mean over the texts' maps: what favours this text over the others.
     """
     require_family(lens, "contrastive", "text_segmentation")
     if lens.architecture not in ("clip", "siglip"):
         raise TypeError(f"text_segmentation decomposes CLIP and SigLIP image towers; got {lens.architecture}")
     if not isinstance(relative, bool):
         raise TypeError(f"relative must be True or False; got {relative!r:.40}")
+    if head_mlp not in SIGLIP_HEAD_MLP:
+        raise ValueError(f"head_mlp must be one of {SIGLIP_HEAD_MLP} (what the SigLIP maps do with the pooling "
+                         f"head's MLP); got {head_mlp!r:.40}")
     labels, emb = _text_side(lens, texts, text_embeds)
     if lens.architecture == "siglip":
         if heads != "all":
@@ -409,12 +436,13 @@ def text_segmentation(lens, images_or_inputs, texts=None, *, heads="all", text_e
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
         pv = pixel_inputs(lens, images_or_inputs)["pixel_values"]
-        per, feats = zip(*(_siglip_tokens(lens, pv[i:i + batch_size]) for i in range(0, len(pv), batch_size)))
+        per, feats = zip(*(_siglip_tokens(lens, pv[i:i + batch_size], head_mlp)
+                           for i in range(0, len(pv), batch_size)))
         per, feats = torch.cat(per), torch.cat(feats)
         if emb.shape[1] != per.shape[-1]:
             raise ValueError(f"text embeddings have {emb.shape[1]} dims; the image embedding has {per.shape[-1]}")
         vals = torch.einsum("bsd,td->bts", per, emb) / feats.norm(dim=-1)[:, None, None]
-        names, used = ["vision.head"], "siglip pooling head, per token"
+        names, used = ["vision.head"], f"siglip pooling head, per token; head mlp: {head_mlp}"
     else:
         if isinstance(images_or_inputs, DirectEffectsResult):
             raise TypeError("text_segmentation needs the images (to draw the maps over): pass images or processor "
