@@ -272,11 +272,13 @@ def metrics_vlm() -> list[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def score_diffusion(site: str = "unet.up.0.out", per_prompt: int = 3, steps: int = 20, d_sae: int = 256, k: int = 8,
+def score_diffusion(site: str = "unet.up.1.out", per_prompt: int = 3, steps: int = 20, d_sae: int = 256, k: int = 8,
                     epochs: int = 2) -> list[dict]:
     """diffusion organism: a TopK SAE on a UNet block over every step and guidance branch of generated images; the
     feature that best marks red objects' latent cells (judge's masks of the final images) is clamped at every cell
-    and step while drawing objects of the other colours: does the judge then see red?"""
+    and step while drawing objects of the other colours: does the judge then see red? The site is the last up block
+    (full latent resolution, where colour is rendered; issue 11's patching found colour read in the late steps); on
+    up.0.out (8x8) the same clamp mostly turned objects orange (the feature is warm-coloured) and at 32x erased them."""
     import mmlens.organisms as organisms
     from mmlens.methods import SAE, SAEConfig, steer_features
     from mmlens.organisms.prompts import PROMPTS
@@ -317,7 +319,7 @@ def score_diffusion(site: str = "unet.up.0.out", per_prompt: int = 3, steps: int
     q90 = float(codes[torch.from_numpy(labels == "red"), red].quantile(0.9))
     others = [p for p in PROMPTS if p.split()[1] != "red"]
 
-    def red_share(feature: int | None, value: float, offset: int, repeat: int) -> float:
+    def red_share(feature: int | None, value: float, offset: int, repeat: int, kept: list | None = None) -> float:
         import contextlib
 
         prompts_ = others * repeat
@@ -325,21 +327,26 @@ def score_diffusion(site: str = "unet.up.0.out", per_prompt: int = 3, steps: int
         ctx = steer_features(sd, sae, {feature: value}, mode="clamp") if feature is not None else contextlib.nullcontext()
         with ctx:
             imgs = sd.generate(prompts_, generator=gens, output_type="np", progress=False, **kw)[0].images
-        return float(np.mean([classify((im * 255).round().astype(np.uint8))[0] == "red" for im in imgs]))
+        judged = [classify((im * 255).round().astype(np.uint8)) for im in imgs]
+        if kept is not None:  # the prompt's shape still drawn (a red wash or a blob is not a red object)
+            kept.append(float(np.mean([sh == p.split()[2] for (_, sh), p in zip(judged, prompts_)])))
+        return float(np.mean([c == "red" for c, _ in judged]))
 
     # the clamp value: a multiple of the feature's 90th percentile on red cells, chosen on building seeds
-    build = {m: red_share(red, m * q90, 20_000, 1) for m in (1, 2, 3, 4)}
+    build = {m: red_share(red, m * q90, 20_000, 1) for m in (1, 2, 4, 8, 16, 32)}
     mult = max(build, key=lambda m: (build[m], -m))
     value = mult * q90
     rng = np.random.RandomState(0)
     control = int(rng.choice([f for f in range(d_sae) if f != red]))
-    base, clamped, ctrl = (red_share(None, 0.0, 10_000, 2), red_share(red, value, 10_000, 2),
+    kept: list[float] = []
+    base, clamped, ctrl = (red_share(None, 0.0, 10_000, 2, kept), red_share(red, value, 10_000, 2, kept),
                            red_share(control, value, 10_000, 2))
     csrc = (f"the red feature ({red}) clamped to {value:.2f} ({mult}x its 90th percentile on red cells, the multiple "
-            f"chosen among 1-4 on other seeds: {build}) at every cell, step and branch of {2 * len(others)} prompts "
+            f"chosen among 1-32 on other seeds: {build}) at every cell, step and branch of {2 * len(others)} prompts "
             "of the other colours; share the judge calls red")
     out += [line("sae_splice", "diffusion", "red_feature_clamp_red_share", clamped, 0.5, feature=red,
-                 unclamped=base, random_feature=ctrl, random_feature_index=control, source=csrc + "; bar 0.5"),
+                 unclamped=base, random_feature=ctrl, random_feature_index=control, shape_kept_unclamped=kept[0],
+                 shape_kept_clamped=kept[1], source=csrc + "; bar 0.5"),
             line("sae_splice", "diffusion", "random_feature_clamp_red_share", ctrl, None, source=csrc)]
     return out
 
