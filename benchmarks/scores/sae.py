@@ -210,10 +210,13 @@ def score_dashboard() -> list[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def vlm_setup(n_train: int = 600, n_test: int = 160, d_sae: int = 1024, k: int = 16, epochs: int = 3) -> dict:
+def vlm_setup(n_train: int = 1500, n_test: int = 160, d_sae: int = 1024, k: int = 16, epochs: int = 3,
+              seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     """vlm organism, lm.blocks.1.resid_post over image + question sequences (image tokens and text tokens, read
     50/50 while fitting: a plain stream would be ~90% image tokens): does a feature fire on the image tokens of
-    one colour?"""
+    one colour? BatchTopK, one SAE per seed (the best feature per colour varies between seeds: the score is the
+    median over them, each seed's value reported). TopK (k per token) scored 4/6 colours at 600 scenes: with a
+    fixed budget per token the colour features split by shape; BatchTopK lets object tokens take more features."""
     import mmlens.organisms as organisms
     from mmlens.methods import SAE, SAEConfig
     from mmlens.organisms.prompts import vlm_inputs
@@ -232,43 +235,88 @@ def vlm_setup(n_train: int = 600, n_test: int = 160, d_sae: int = 1024, k: int =
 
     _, train = batches(SEED + 84_000, n_train)
     test_scenes, test = batches(SEED + 86_000, n_test)
+    saes, codes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         store = write_activations(vlm, train, site, tmp, dtype="float32", progress=False)
-        cfg = SAEConfig(d_in=store.d[site], d_sae=d_sae, k=k, batch_size=512, lr=1e-3, warmup_steps=20, seed=0)
-        sae = SAE(cfg).fit(store, name=site, tokens=epochs * len(store), progress=False,
-                           stratify={"modality": {"image": 0.5, "text": 0.5}})
-    codes, meta = _codes_and_meta(vlm, sae, test, site)
-    src = (f"issue 13: TopK SAE (d_sae {d_sae}, k {k}) on the vlm's {site}, fit 50/50 on image and text tokens of "
-           f"{n_train} training scenes; {n_test} test scenes; AUROC among object image tokens")
-    return dict(lens=vlm, sae=sae, site=site, test=test, test_scenes=test_scenes, codes=codes, meta=meta,
-                side=side, src=src)
+        for seed in seeds:
+            cfg = SAEConfig(d_in=store.d[site], d_sae=d_sae, k=k, architecture="batchtopk", batch_size=512, lr=1e-3,
+                            warmup_steps=20, seed=seed)
+            saes.append(SAE(cfg).fit(store, name=site, tokens=epochs * len(store), progress=False,
+                                     stratify={"modality": {"image": 0.5, "text": 0.5}}))
+    for sae in saes:
+        c, meta = _codes_and_meta(vlm, sae, test, site)
+        codes.append(c)
+    src = (f"issue 13: BatchTopK SAE (d_sae {d_sae}, k {k}) on the vlm's {site}, fit 50/50 on image and text tokens "
+           f"of {n_train} training scenes, seeds {list(seeds)}; {n_test} test scenes; AUROC among object image tokens, "
+           "median over the seeds")
+    return dict(lens=vlm, sae=saes[0], saes=saes, site=site, test=test, test_scenes=test_scenes, codes=codes[0],
+                all_codes=codes, meta=meta, side=side, seeds=seeds, src=src)
 
 
 def score_vlm() -> list[dict]:
     from mmlens.world.scene import COLOURS
 
     v = vlm_setup()
-    codes = v["codes"]
-    out = _alignment(codes, _cell_labels(v["test_scenes"], v["meta"], (v["side"], v["side"]), "colour"), COLOURS,
-                     "sae", "vlm", "image_colour", 0.95, v["src"])
+    labels = _cell_labels(v["test_scenes"], v["meta"], (v["side"], v["side"]), "colour")
     image = torch.from_numpy(v["meta"]["modality"].numpy() == 1)
-    for row in out[:-1]:
-        fired = codes[:, row["feature"]] > 0
+    per_seed = [_alignment(c, labels, COLOURS, "sae", "vlm", "image_colour", 0.95, v["src"]) for c in v["all_codes"]]
+    out = []
+    for j, colour in enumerate(COLOURS):
+        rows = [p[j] for p in per_seed]
+        values = [r["value"] for r in rows]
+        mid = rows[int(np.argsort(values)[len(values) // 2])]  # the median seed's line
+        row = line("sae", "vlm", f"image_colour_auroc[{colour}]", float(np.median(values)), 0.95,
+                   per_seed=[round(x, 4) for x in values], seeds=list(v["seeds"]), median_seed_feature=mid["feature"],
+                   source=v["src"])
+        fired = v["all_codes"][rows.index(mid)][:, mid["feature"]] > 0
         row["share_of_firing_on_image_tokens"] = round(float(fired[image].sum() / fired.sum().clamp(min=1)), 4)
+        out.append(row)
+    out.append(line("sae", "vlm", "image_colour_passes_per_seed", min(sum(r["value"] >= 0.95 for r in p[:-1])
+                                                                       for p in per_seed), None,
+                    per_seed=[sum(r["value"] >= 0.95 for r in p[:-1]) for p in per_seed],
+                    source="reported: how many of the 6 colours pass the bar in each seed's SAE (value: the fewest)"))
     return out
+
+
+def answered_inputs(vlm, scenes) -> dict:
+    """`<image> {question} answer : {answer}` for each scene's first question, left-padded, with HF `labels` on the
+    answer token only: the organism was trained on answers, so the cross-entropy of its prompt tokens (which it never
+    learned to predict: clean 11.7 nats, above the zero-ablated 3.9) says nothing about the SAE."""
+    from mmlens.organisms.prompts import PROMPT
+
+    tok = vlm.processor.tokenizer
+    qa = [s.questions()[0][:2] for s in scenes]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        b = dict(vlm.processor(text=[PROMPT.format(question=q) + " " + a for q, a in qa],
+                               images=[s.pil() for s in scenes], return_tensors="pt", padding=True))
+    finally:
+        tok.padding_side = side
+    ids = b["input_ids"]
+    at = -2 if bool((ids[:, -1] == tok.eos_token_id).all()) else -1  # the answer, before a trailing </s>
+    want = torch.tensor([tok.convert_tokens_to_ids(a) for _, a in qa])
+    if not bool((ids[:, at] == want).all()):
+        raise RuntimeError("answered_inputs: the answer is not one token at the end of every row")
+    labels = torch.full_like(ids, -100)
+    labels[:, at] = ids[:, at]
+    b["labels"] = labels
+    return b
 
 
 def metrics_vlm() -> list[dict]:
     from mmlens.methods import sae_metrics
 
     v = vlm_setup()
-    m = sae_metrics(v["lens"], v["sae"], v["test"][:2], progress=False)
+    batches = [answered_inputs(v["lens"], v["test_scenes"][i:i + 32]) for i in range(0, len(v["test_scenes"]), 32)]
+    m = sae_metrics(v["lens"], v["sae"], batches, progress=False)
     d = m.downstream
     return [line("sae_metrics", "vlm", "explained_variance", m.explained_variance, 0.8, l0=round(m.l0, 2),
-                 source=v["src"] + "; bar 0.8"),
+                 source=v["src"] + " (seed 0); bar 0.8"),
             line("sae_metrics", "vlm", "ce_loss_recovered", d["recovered"], 0.8, clean=d["clean"], spliced=d["spliced"],
-                 zero_ablated=d["zero"], source="next-token cross-entropy on text tokens, SAE spliced in vs zero-"
-                                                "ablated site (SAELens's definition); bar 0.8")]
+                 zero_ablated=d["zero"], answers=d["tokens"],
+                 source="cross-entropy of the answer token (HF labels; the organism is trained on answers only) over "
+                        "the test scenes' first questions, SAE spliced in vs zero-ablated site (SAELens's definition); "
+                        "bar 0.8")]
 
 
 @functools.lru_cache(maxsize=None)

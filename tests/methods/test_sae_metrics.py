@@ -148,6 +148,24 @@ def test_llava_cross_entropy(tiny_lens):
     assert res.downstream["spliced"] == pytest.approx(spliced, rel=1e-5) and abs(spliced - clean) > 1e-4
 
 
+def test_llava_cross_entropy_on_labels(tiny_lens):
+    """A batch with HF `labels` is scored on the labelled targets only (here the last token of each row, as an
+    answer), with the labels as the target ids; other positions and the model's own loss play no part."""
+    lens = tiny_lens("llava")
+    site = "lm.blocks.0.resid_post"
+    b = sample_inputs("llava", lens, batch=2, seed=0)
+    labels = torch.full_like(b["input_ids"], -100)
+    labels[:, -1] = b["input_ids"][:, -1]
+    labels[0, -1] = (labels[0, -1] + 1) % lens.model.config.text_config.vocab_size  # a target the input does not hold
+    with torch.no_grad():
+        logits = lens(b).logits
+    want = float(torch.nn.functional.cross_entropy(logits[:, -2].float(), labels[:, -1]))
+    got = sae_metrics(lens, identity_sae(64, site), [dict(b, labels=labels)], progress=False).downstream
+    assert got["clean"] == pytest.approx(want, rel=1e-6) and got["tokens"] == 2
+    with pytest.raises(ValueError, match="labels have shape"):
+        sae_metrics(lens, identity_sae(64, site), [dict(b, labels=labels[:, 1:])], progress=False)
+
+
 def test_llava_vision_site_changes_the_lm_loss(tiny_lens):
     lens = tiny_lens("llava")
     site = "vision.blocks.0.resid_post"

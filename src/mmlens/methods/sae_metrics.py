@@ -20,7 +20,9 @@ patch and CLS token of a vision tower, every pixel of a diffusion feature map):
 Downstream, the model run three ways, clean, with the SAE spliced in at its site (`sae_spliced`) and with the site
 zero-ablated, per family:
     generative    cross-entropy of the next text token (targets: text tokens under the attention mask, their
-                  predecessor real too; image placeholders and special tokens are not predicted)
+                  predecessor real too; image placeholders and special tokens are not predicted); a batch that
+                  holds `labels` (HF's convention: the target ids, -100 where no loss) is scored on those only,
+                  e.g. the answers of a model fine-tuned on answers, whose prompt tokens it never learned to predict
     contrastive   zero-shot accuracy over `classes` (class texts) with `labels` (one class index per image)
     diffusion     denoising loss: the MSE of the denoiser's prediction (epsilon, v or x0 as the scheduler is trained;
                   flow velocity for SD3) on `latents` noised at `timesteps` (noise from `seed`), conditioned on the
@@ -313,14 +315,16 @@ def _generative(lens, sae, site, inputs, stats, *, downstream, progress, **_) ->
         variants = _variants(lens, sae, site.name, None if stats is None else
                              lambda v, ctx: stats.add(_token_rows(v, site, mask)))
         keep = None
+        labels = batch.get("labels")
+        model_batch = {k: v for k, v in batch.items() if k != "labels"}
         for key in ("clean", "spliced", "zero") if downstream else ("clean",):
             with variants[key]():
-                logits = lens(batch).logits
+                logits = lens(model_batch).logits
             if not downstream:
                 break
             if keep is None:
                 keep = _targets(lens, batch, text)
-            nll = _nll(logits, batch["input_ids"])
+            nll = _nll(logits, batch["input_ids"] if labels is None else torch.as_tensor(labels).clamp(min=0))
             sums[key] += float(nll[keep.to(nll.device)].double().sum())
         if keep is not None:
             count += int(keep.sum())
@@ -333,8 +337,15 @@ def _generative(lens, sae, site, inputs, stats, *, downstream, progress, **_) ->
 
 
 def _targets(lens, batch, text_code: int) -> Tensor:
-    """(batch, seq - 1) bool: position t predicts token t + 1, a text token, both real under the attention mask."""
+    """(batch, seq - 1) bool: position t predicts token t + 1, a text token, both real under the attention mask;
+    with `labels` in the batch, where they are not -100."""
     ids = batch["input_ids"]
+    if batch.get("labels") is not None:
+        labels = torch.as_tensor(batch["labels"])
+        if labels.shape != ids.shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; they must match input_ids "
+                             f"{tuple(ids.shape)} (-100 where no loss)")
+        return labels[:, 1:] != -100
     am = batch.get("attention_mask")
     am = torch.ones_like(ids, dtype=torch.bool) if am is None else torch.as_tensor(am).bool()
     is_text = lens.token_map(batch).modality == text_code
