@@ -64,6 +64,25 @@ def test_subsets_of_steps_heads_and_sites(tiny_lens):
     assert res.steps == [1]
 
 
+def test_heads_chosen_per_site(tiny_lens):
+    """heads={site: [...]}: the sum of each site's own head subset, equal to separate runs added up."""
+    lens = tiny_lens("sd")
+    mid, down = lens.hook_points("unet.mid.attn.0.cross.pattern")[0], lens.hook_points("unet.down.*.cross.pattern")[0]
+    res = word_maps(lens, "a red square", ["red"], heads={mid: [0], down: [1]}, generator=_gen(), **KW)
+    one = word_maps(lens, "a red square", ["red"], names=mid, heads=[0], generator=_gen(), **KW)
+    two = word_maps(lens, "a red square", ["red"], names=down, heads=[1], generator=_gen(), **KW)
+    # the two sites' grids differ (8x8, 16x16): the coarser one is upsampled onto the finer before summing
+    top = max(one.maps.shape[-1], two.maps.shape[-1])
+    torch.testing.assert_close(res.maps, upsample(one.maps, top) + upsample(two.maps, top), atol=1e-6, rtol=1e-5)
+    assert sorted(res.names) == sorted([mid, down]) and res.meta["heads"] == {mid: [0], down: [1]}
+    with pytest.raises(ValueError, match="leave names out"):
+        word_maps(lens, "a red square", heads={mid: [0]}, names=mid, generator=_gen(), **KW)
+    with pytest.raises(ValueError, match="heads=\\[99\\] at"):
+        word_maps(lens, "a red square", heads={mid: [99]}, generator=_gen(), **KW)
+    with pytest.raises(ValueError, match="empty dict"):
+        word_maps(lens, "a red square", heads={}, generator=_gen(), **KW)
+
+
 def test_segmentation_assigns_the_strongest_word(tiny_lens):
     lens = tiny_lens("sd")
     res = word_maps(lens, "a red square", ["red", "square"], generator=_gen(), **KW)
