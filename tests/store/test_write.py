@@ -158,8 +158,9 @@ def test_bad_input_is_refused(tiny_lens, tmp_path):
         write_activations(clip, sample_image(0), "vision.blocks.1.resid_post", tmp_path / "a", progress=False)
     with pytest.raises(TypeError, match="uint8"):
         next(stream_activations(clip, [torch.rand(32, 32, 3)], "vision.blocks.1.resid_post"))
-    with pytest.raises(ValueError, match="not denoiser sites"):
-        write_activations(sd, ["a"], "text_encoder.blocks.0.resid_post", tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="mix denoiser sites and text-encoder sites"):
+        write_activations(sd, ["a"], ["unet.mid.out", "text_encoder.blocks.0.resid_post"], tmp_path / "a",
+                          progress=False)
     with pytest.raises(ValueError, match="not cells of the"):
         next(stream_activations(sd, ["a"], "unet.down.0.attn.0.cross.k", num_inference_steps=1, height=32, width=32))
     with pytest.raises(FileNotFoundError, match="not a store"):

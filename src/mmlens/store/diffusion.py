@@ -1,7 +1,8 @@
 """Diffusion pipelines: `lens.generate` records every step (or `record_steps`) and guidance branch; every cell of a
 feature map (B, C, h, w) or token of a sequence over the latent grid is one 'latent' token with its (row, col), step,
 timestep and branch; the `num_images_per_prompt` images of one prompt are images 0..k-1 of its example. Each
-image's noise comes from a generator seeded by (seed, example, image), so batching and resuming draw the same."""
+image's noise comes from a generator seeded by (seed, example, image), so batching and resuming draw the same.
+A pipeline's text-encoder sites are stored from the prompts alone, without denoising: text_encoder.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Generative VLMs: `lens.run_with_cache`. LM positions take modality / image / (row, col) from `lens.token_map` and
 token ids from `input_ids`, padding dropped; vision-tower and projector sites (one row per image) are laid out like a
-contrastive image tower and given to the example holding the image; Q-Former sites are 'query' tokens."""
+contrastive image tower and given to the example holding the image (Qwen2-VL's flattened merge-window tower:
+qwen2_vl.py); Q-Former sites are 'query' tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from .inputs import Batch, as_image
 from .layout import as_tokens, flat_meta, image_tower_meta
+from .qwen2_vl import qwen2_vl_tower
 from .schema import MODALITIES, empty_meta
 from .sites import Acts, Meta, attention_keep, pack, same_layout
 
@@ -25,6 +27,11 @@ def generative(lens, names: list[str], batch: Batch) -> tuple[Acts, Meta]:
     if names[0].split(".", 1)[0] in ("vision", "projector") and names[0] not in cache \
             and not isinstance(inputs.get("pixel_values"), Tensor):
         return {}, empty_meta(0)  # text-only examples have no image-tower tokens
+    if lens.architecture == "qwen2_vl" and names[0].split(".", 1)[0] in ("vision", "projector"):
+        tm = lens.token_map(inputs)
+        n_images = len(inputs["image_grid_thw"])
+        return qwen2_vl_tower(lens, names, {n: cache[n] for n in names}, inputs["image_grid_thw"],
+                              _image_owner(tm.image, n_images, B), _first_image_per_row(tm.image), batch.examples)
     toks = {}
     for n in names:
         v = cache[n]

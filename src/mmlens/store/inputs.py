@@ -8,10 +8,14 @@ items of one kind are batched together, `batch_size` at a time.
 Example ids count rows of the whole stream (raw items are one row each, so for them `example` is the item's index
 in `data`). Under several ranks each rank runs the items with `index % world_size == rank`, but reads every item to
 number the examples.
+
+`batch_digest` hashes what a batch holds (image pixels, strings, processor tensors): the writer records one per
+batch, so a resumed run can tell that the items it skips are the items the store was written from.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -29,6 +33,7 @@ class Batch:
     items: list
     examples: torch.Tensor  # (rows,) int64 global example ids
     local_end: int  # how many of this rank's items are done once this batch is
+    skipped: bool = False  # done by an earlier run (yielded only when asked for, to check its digest)
 
 
 def _is_image(item) -> bool:
@@ -95,8 +100,11 @@ def check_data(data) -> None:
         raise ValueError("data is empty: nothing to record")
 
 
-def iter_batches(data: Iterable, batch_size: int, rank: int = 0, world: int = 1, skip: int = 0) -> Iterator[Batch]:
-    """This rank's batches, after its first `skip` items (a resumed run). Raises if `data` holds no item."""
+def iter_batches(data: Iterable, batch_size: int, rank: int = 0, world: int = 1, skip: int = 0, *,
+                 skipped: bool = False) -> Iterator[Batch]:
+    """This rank's batches, after its first `skip` items (a resumed run); with `skipped=True` also the batches of
+    those first items (marked `skipped`), batched as the run that did them batched them. Raises if `data` holds no
+    item."""
     pending: list = []
     pending_ex: list[int] = []
     kind = None
@@ -105,7 +113,7 @@ def iter_batches(data: Iterable, batch_size: int, rank: int = 0, world: int = 1,
 
     def flush():
         nonlocal pending, pending_ex, kind
-        out = Batch(kind, pending, torch.tensor(pending_ex, dtype=torch.int64), local)
+        out = Batch(kind, pending, torch.tensor(pending_ex, dtype=torch.int64), local, local <= skip)
         pending, pending_ex, kind = [], [], None
         return out
 
@@ -114,12 +122,14 @@ def iter_batches(data: Iterable, batch_size: int, rank: int = 0, world: int = 1,
         k = item_kind(item, i)
         rows = rows_of(item, i) if k == "processed" else 1
         mine = i % world == rank
-        if mine and local >= skip:
+        if mine and (local >= skip or skipped):
+            if pending and local == skip:  # the skipped part ends at a batch boundary of the run that wrote it
+                yield flush()
             if k == "processed":
                 if pending:
                     yield flush()
                 local += 1
-                yield Batch(k, [dict(item)], torch.arange(example, example + rows), local)
+                yield Batch(k, [dict(item)], torch.arange(example, example + rows), local, local <= skip)
             else:
                 if pending and k != kind:
                     yield flush()
@@ -136,3 +146,40 @@ def iter_batches(data: Iterable, batch_size: int, rank: int = 0, world: int = 1,
         yield flush()
     if not seen:
         raise ValueError("data is empty: nothing to record")
+
+
+# ---------------------------------------------------------------------------------------------- digests
+def batch_digest(batch: Batch) -> str:
+    """A short sha256 of the batch's content (its kind, example ids and every item's bytes): equal batches give
+    equal digests, and another pixel, prompt or token id gives another. Images hash by their pixels, so a PIL image
+    and the uint8 array (or tensor) it was made from hash alike."""
+    h = hashlib.sha256(f"{batch.kind}|{batch.examples.tolist()}".encode())
+    for item, e in zip(batch.items, batch.examples.tolist()):
+        _hash_item(h, np.asarray(as_image(item, e)) if batch.kind == "image" else item)
+    return h.hexdigest()[:16]
+
+
+def _hash_item(h, item) -> None:
+    if isinstance(item, str):
+        h.update(b"s%d|" % len(item.encode()) + item.encode())
+    elif isinstance(item, Mapping):
+        h.update(b"d%d|" % len(item))
+        for key in sorted(item, key=str):
+            h.update(str(key).encode() + b"=")
+            _hash_item(h, item[key])
+    elif isinstance(item, (list, tuple)):
+        h.update(b"l%d|" % len(item))
+        for x in item:
+            _hash_item(h, x)
+    elif isinstance(item, torch.Tensor):
+        t = item.detach().cpu().contiguous()
+        h.update(f"t{t.dtype}{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(item, np.ndarray) and item.dtype != object:
+        a = np.ascontiguousarray(item)
+        h.update(f"a{a.dtype.str}{a.shape}|".encode())
+        h.update(a.tobytes())
+    elif _is_image(item):  # a PIL image: its pixels, as the array it converts to
+        _hash_item(h, np.asarray(item))
+    else:
+        h.update(f"r{type(item).__name__}|{item!r}".encode())

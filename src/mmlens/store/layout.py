@@ -1,5 +1,6 @@
 """Where each row of a recorded value sits: hook values of any layout as (rows, tokens, width), and the patch or
-latent grid a token axis lies on. Everything here is vectorised: no Python work per token."""
+latent grid a token axis lies on (raster grids, latent grids, and Qwen2-VL's merge-window patch order). Everything
+here is vectorised: no Python work per token."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from ..hooks.tokens import square_grid
@@ -23,6 +25,21 @@ def latent_grid(seq: int, latent_hw: tuple[int, int]) -> tuple[int, int] | None:
         if rows * cols == seq:
             return rows, cols
     return None
+
+
+def merge_window_grid(t: int, h: int, w: int, merge: int) -> Int[Tensor, "n 2"]:
+    """(row, col) on the h x w patch grid of each of the t*h*w patches in the order Qwen2-VL's vision tower takes
+    them (the image processor's `pixel_values` rows, `image_grid_thw` = (t, h, w)): frame by frame, the merge x merge
+    windows in raster order over the (h/merge, w/merge) merged grid, and within a window its patches in raster order.
+    The patch merger turns each window (merge**2 consecutive rows) into one token, so merged token j of a frame
+    sits at (j // (w/merge), j % (w/merge)) on the merged grid: raster order there. Frames of a video repeat the
+    grid. Inverse (raster -> tower order): `rc[:, 0] * w + rc[:, 1]` gives each tower row's raster index."""
+    if min(t, h, w, merge) < 1 or h % merge or w % merge:
+        raise ValueError(f"a ({t}, {h}, {w}) patch grid does not tile into {merge}x{merge} merge windows")
+    br, bc, ir, ic = torch.meshgrid(torch.arange(h // merge), torch.arange(w // merge), torch.arange(merge),
+                                    torch.arange(merge), indexing="ij")  # window row, window col, row/col within
+    rc = torch.stack([(br * merge + ir).reshape(-1), (bc * merge + ic).reshape(-1)], dim=1)
+    return rc.repeat(t, 1)
 
 
 @dataclass

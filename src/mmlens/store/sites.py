@@ -31,12 +31,40 @@ def check_names(lens, names) -> list[str]:
             raise ValueError(f"names span the {sorted(towers)} towers; one store holds one token sequence per "
                              "example, so write one store per tower")
     if lens.family == "diffusion":
-        den = lens.adapter.denoiser
-        off = [n for n in resolved if not (lens.sites[n].path == den or lens.sites[n].path.startswith(den + "."))]
-        if off:
-            raise ValueError(f"{off} are not denoiser sites: the store records latent tokens of the {den} at every "
-                             f"denoising step; text-encoder sites are not supported")
+        _check_diffusion_names(lens, resolved)
     return resolved
+
+
+def component(lens, name: str) -> str:
+    """The pipeline component a diffusion site lies in ('unet', 'transformer', 'text_encoder_2', ...)."""
+    return lens.sites[name].path.split(".", 1)[0]
+
+
+def text_encoder_of(lens, names: list[str]) -> str | None:
+    """The text encoder a diffusion store's names lie in, or None for denoiser names (check_names made them one)."""
+    if lens.family != "diffusion":
+        return None
+    comp = component(lens, names[0])
+    return comp if comp in getattr(lens.adapter, "text_encoders", ()) else None
+
+
+def _check_diffusion_names(lens, resolved: list[str]) -> None:
+    den, encoders = lens.adapter.denoiser, tuple(getattr(lens.adapter, "text_encoders", ()))
+    comps = {n: component(lens, n) for n in resolved}
+    off = [n for n, c in comps.items() if c != den and c not in encoders]
+    if off:
+        raise ValueError(f"{off} are neither denoiser ({den}) nor text-encoder ({', '.join(encoders)}) sites: the "
+                         f"store records the {den}'s latent tokens at every denoising step, or one text encoder's "
+                         "prompt tokens")
+    used = sorted(set(comps.values()))
+    if den in used and len(used) > 1:
+        te = [n for n, c in comps.items() if c != den]
+        raise ValueError(f"names mix denoiser sites and text-encoder sites ({te[:3]}{'...' if len(te) > 3 else ''}): "
+                         f"their token rows differ (the {den}'s latent cells at every step and guidance branch, the "
+                         "text encoder's prompt tokens once), so one store cannot hold both; write one store each")
+    if len(used) > 1:
+        raise ValueError(f"names span the text encoders {used}: each has its own tokenizer and token rows; write one "
+                         "store per text encoder")
 
 
 def tower_of(name: str) -> str:
@@ -49,6 +77,15 @@ def tower_of(name: str) -> str:
 
 def tokenizer(lens):
     return getattr(lens.processor, "tokenizer", lens.processor)
+
+
+def store_tokenizer(lens, names: list[str]):
+    """The tokenizer whose ids a store of `names` holds: a pipeline text encoder's own (text_encoder_2 ->
+    tokenizer_2), else the lens processor's."""
+    enc = text_encoder_of(lens, names)
+    if enc is not None:
+        return getattr(lens.model, "tokenizer" + enc.removeprefix("text_encoder"), None)
+    return tokenizer(lens)
 
 
 def special_ids(lens) -> Tensor:
@@ -89,8 +126,15 @@ def once(got: dict[str, list[Tensor]], name: str) -> Tensor:
     return vals[0]
 
 
-
-def check_run_kwargs(lens, run_kwargs: dict) -> None:
+def check_run_kwargs(lens, run_kwargs: dict, names: list[str] | None = None) -> None:
     if run_kwargs and lens.family != "diffusion":
         raise TypeError(f"unexpected keywords {sorted(run_kwargs)}: run keywords go to lens.generate for diffusion "
                         f"prompts; {lens.architecture} is a {lens.family} model")
+    if run_kwargs and names and text_encoder_of(lens, names) is not None:
+        from .text_encoder import encode_options
+
+        allowed = encode_options(lens)
+        bad = sorted(set(run_kwargs) - set(allowed))
+        if bad:
+            raise TypeError(f"unexpected keywords {bad}: a text-encoder store runs only the pipeline's prompt "
+                            f"encoding (no denoising), which takes {allowed or 'no options'}")

@@ -3,12 +3,15 @@
 Layout of a store folder:
     store.json                          names, dtype, world size and the fingerprint of what was written
     parts/rank-RRRRR-of-WWWWW.json      per rank: its finished shards, how many of its items they cover, widths,
-                                        token strings; rewritten atomically after every shard
+                                        token strings, and `batches`: [end, content digest] of every batch those
+                                        items made (`inputs.batch_digest`); rewritten atomically after every shard
     shards/rank-RRRRR-NNNNNN.safetensors  per shard: `act/<name>` (n, d) in the store's dtype and `meta/<column>`
 
 A shard is written once its batches hold at least `shard_tokens` tokens (so it holds whole batches: a resumed run
 restarts at a batch boundary, batches the remaining items exactly as the killed run did, and writes the same
-shards). Each rank runs the items with `index % world_size == rank` into its own shards and part file.
+shards). Before it does, it re-batches the items it skips and compares their digests with the recorded ones, so
+other data of the same length (another image, prompt or order) is refused, naming the first batch that differs. Each
+rank runs the items with `index % world_size == rank` into its own shards and part file.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from torch import Tensor
 
 from ..io import atomic_write_text
 from .collect import run_batch
-from .inputs import check_data, iter_batches
+from .inputs import Batch, batch_digest, check_data, iter_batches
 from .ranks import barrier, rank_world
 from .schema import DTYPES, FORMAT, STORE_FILE, act_key, check_dtype, meta_key, part_file, shard_file
 from .shardio import write_shard
-from .sites import check_names, check_run_kwargs
+from .sites import check_names, check_run_kwargs, store_tokenizer
 
 if TYPE_CHECKING:
     from .reader import ActivationStore
@@ -53,11 +56,12 @@ def stream_activations(lens, data: Iterable, names, *, batch_size: int = 32, dty
     `acts[name]` (n, d) on CPU (in `dtype`, default the model's), `meta[column]` (n,) as in
     `ActivationStore.meta`; padding dropped. Under several ranks each rank gets its own slice of the items.
     `run_kwargs` go to `lens.generate` for diffusion prompts (num_inference_steps, guidance_scale, record_steps,
-    height, width, num_images_per_prompt, ...); `seed` seeds each prompt's noise from its example index."""
+    height, width, num_images_per_prompt, ...); `seed` seeds each prompt's noise from its example index. At a
+    pipeline's text-encoder sites they go to its `encode_prompt` (e.g. max_sequence_length, clean_caption)."""
     resolved = check_names(lens, names)
     check_data(data)
     _positive(batch_size, "batch_size")
-    check_run_kwargs(lens, run_kwargs)
+    check_run_kwargs(lens, run_kwargs, resolved)
     tdtype = None if dtype is None else DTYPES[check_dtype(dtype)]
     r, w = rank_world(rank, world_size)
     return _stream(lens, data, resolved, batch_size, tdtype, seed, r, w, run_kwargs)
@@ -79,7 +83,14 @@ def write_activations(lens, data: Iterable, names, folder: str | os.PathLike, *,
     conversations {'image' | 'images', 'text'} (VLMs), or dicts of processor outputs (run as one batch each).
     Padding is dropped. `dtype`: 'float16', 'bfloat16' or 'float32'. `resume=True` continues a killed run (the
     result equals an uninterrupted one); a store written for other names, dtype, data length, model, world size or
-    run keywords is refused. Under torchrun each rank writes its own slice (see the module docstring).
+    run keywords is refused, and so is other data of the same length: every batch's content digest is recorded
+    (`inputs.batch_digest`), and a resumed run compares the batches it skips with them (also when the store is
+    complete, so a store is never silently returned for other data). Under torchrun each rank writes its own slice
+    (see the module docstring).
+
+    Diffusion lenses: denoiser sites record latent tokens per step and branch (`lens.generate`); text-encoder sites
+    (`text_encoder.*`, `text_encoder_2.*`, ...) record the prompt's tokens with only the pipeline's prompt encoding
+    run (`text_encoder.py`). One store holds one or the other.
     """
     from tqdm.auto import tqdm
 
@@ -90,7 +101,7 @@ def write_activations(lens, data: Iterable, names, folder: str | os.PathLike, *,
     check_data(data)
     _positive(batch_size, "batch_size")
     _positive(shard_tokens, "shard_tokens")
-    check_run_kwargs(lens, run_kwargs)
+    check_run_kwargs(lens, run_kwargs, resolved)
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False; got {resume!r:.40}")
     if not hasattr(data, "__len__"):  # an empty iterable must fail before a store folder is made
@@ -108,19 +119,32 @@ def write_activations(lens, data: Iterable, names, folder: str | os.PathLike, *,
     part_path = folder / part_file(rank, world)
     state = _load_part(part_path, folder) if part_path.exists() else \
         {"rank": rank, "world_size": world, "shards": [], "items_done": 0, "complete": False, "d": {},
-         "token_strings": {}}
-    if not state["complete"]:
-        sink = ShardSink(folder, state, DTYPES[dtype], shard_tokens, lens)
+         "token_strings": {}, "batches": []}
+    recorded = state.get("batches")  # None: a store written without batch digests (nothing to check against)
+    recorded = None if recorded is None else [list(b) for b in recorded]  # the sink extends the state's own list
+    if not state["complete"] or recorded is not None:
+        sink = None if state["complete"] else ShardSink(folder, state, DTYPES[dtype], shard_tokens,
+                                                        tokenizer=store_tokenizer(lens, resolved))
         skip = state["items_done"]
+        checked = 0
         mine = None if n_items is None else len(range(rank, n_items, world))
         with tqdm(total=mine, initial=skip, desc=f"write_activations{f' rank {rank}' if world > 1 else ''}",
-                  unit="item", disable=not progress, dynamic_ncols=True) as bar:
-            for batch in iter_batches(data, batch_size, rank, world, skip):
+                  unit="item", disable=not progress or sink is None, dynamic_ncols=True) as bar:
+            for batch in iter_batches(data, batch_size, rank, world, skip, skipped=recorded is not None):
+                if batch.skipped:  # done by the run that was killed: the same data?
+                    _check_done(batch, recorded, checked, rank, folder)
+                    checked += 1
+                    continue
                 acts, meta = run_batch(lens, resolved, batch, seed=seed, dtype=DTYPES[dtype], **run_kwargs)
-                sink.add(acts, meta, batch.local_end)
+                sink.add(acts, meta, batch.local_end, batch_digest(batch))
                 bar.update(batch.local_end - bar.n)
                 bar.set_postfix(tokens=sink.tokens, refresh=False)
-        sink.finish()
+        if recorded is not None and checked < len(recorded):
+            raise ValueError(f"{folder}: the data ends before the {skip} items rank {rank} already wrote (the store "
+                             f"recorded {len(recorded)} batches, the data gave {checked}); resume only with the same "
+                             "data, or write to another folder")
+        if sink is not None:
+            sink.finish()
     barrier()
     with warnings.catch_warnings():
         if world > 1:  # other ranks may still be writing when torch.distributed is not there to wait for them
@@ -129,18 +153,26 @@ def write_activations(lens, data: Iterable, names, folder: str | os.PathLike, *,
 
 
 class ShardSink:
-    """Buffers batches and writes a shard (then the part file) whenever `shard_tokens` are pending."""
+    """Buffers batches and writes a shard (then the part file) whenever `shard_tokens` are pending. The part file
+    lists, besides the shards, `batches`: [local_end, content digest] of every batch the shards cover (batches
+    without tokens included), when `add` is given digests."""
 
-    def __init__(self, folder: Path, state: dict, dtype: torch.dtype, shard_tokens: int, lens=None):
+    def __init__(self, folder: Path, state: dict, dtype: torch.dtype, shard_tokens: int, lens=None, *,
+                 tokenizer=None):
         self.folder, self.state, self.dtype, self.shard_tokens = folder, state, dtype, shard_tokens
         self.pending: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
+        self.pending_batches: list[list] = []
         self.n_pending = 0
         self.local_end = state["items_done"]
-        self.tokenizer = None if lens is None else getattr(lens.processor, "tokenizer", lens.processor)
+        if tokenizer is None and lens is not None:
+            tokenizer = getattr(lens.processor, "tokenizer", lens.processor)
+        self.tokenizer = tokenizer
         self.tokens = sum(s["tokens"] for s in state["shards"])
 
-    def add(self, acts: dict[str, Tensor], meta: dict[str, Tensor], local_end: int) -> None:
+    def add(self, acts: dict[str, Tensor], meta: dict[str, Tensor], local_end: int, digest: str | None = None) -> None:
         self.local_end = local_end
+        if digest is not None:
+            self.pending_batches.append([local_end, digest])
         if not acts:  # a batch with no tokens (e.g. text-only rows at a vision site) still counts as done
             return
         d = self.state["d"]
@@ -171,6 +203,9 @@ class ShardSink:
                                  "examples": [int(ex.min()), int(ex.max()) + 1] if len(ex) else [0, 0]})
             self._token_strings(meta["token"])
             self.pending, self.n_pending = [], 0
+        if self.pending_batches:
+            st.setdefault("batches", []).extend(self.pending_batches)
+            self.pending_batches = []
         st["items_done"] = self.local_end
         atomic_write_text(self.folder / part_file(st["rank"], st["world_size"]), json.dumps(st))
 
@@ -213,6 +248,25 @@ def _describe(run_kwargs: dict) -> dict:
             return str(v)
         return f"<{type(v).__name__}>"
     return {k: one(v) for k, v in sorted(run_kwargs.items())}
+
+
+def _check_done(batch: Batch, recorded: list, k: int, rank: int, folder: Path) -> None:
+    """Batch `k` of those an earlier run wrote must have the content digest (and end) the store recorded for it."""
+    got = [batch.local_end, batch_digest(batch)]
+    want = recorded[k] if k < len(recorded) else None
+    if got == want:
+        return
+    ex = batch.examples.tolist()
+    what = f"examples {ex[0]}..{ex[-1]}" if len(ex) > 1 else f"example {ex[0]}"
+    if want is None:
+        why = f"the store recorded only {len(recorded)} batches"
+    elif want[0] != got[0]:
+        why = f"it ends at rank {rank}'s item {got[0]}, the store's batch ended at item {want[0]} (other item kinds?)"
+    else:
+        why = f"its content digest is {got[1]}, the store recorded {want[1]}"
+    raise ValueError(f"{folder}: resuming with other data than the store was written from: batch {k} of rank {rank} "
+                     f"({what}, {batch.kind} items) differs ({why}). Resume only with the same data in the same "
+                     "order, or write to another folder")
 
 
 def _open_store(folder: Path, fp: dict, resume: bool) -> None:
