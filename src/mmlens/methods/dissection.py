@@ -20,8 +20,8 @@ Two ways to label a unit (Bau et al. 2017, "Network Dissection"; Oikarinen & Wen
 
 Both work on any ViT image tower with per-token sites (CLIP, SigLIP, BLIP-2's tower, LLaVA's and PaliGemma's
 `vision.blocks...`): the tower is run alone on the images (through the lens's own image processor), in batches.
-Units are the last dim of each site (`mlp.post`: MLP neurons; `resid_post`: residual dims). Qwen2-VL's tower,
-which takes flattened patches in merge-window order, is not supported.
+Units are the last dim of each site (`mlp.post`: MLP neurons; `resid_post`: residual dims). Qwen2-VL's tower takes
+flattened patches in merge-window order; its tokens are put back in raster order (`store.layout.merge_window_grid`).
 """
 
 from __future__ import annotations
@@ -336,10 +336,6 @@ def _tower(lens, technique: str):
     if lens.family not in ("contrastive", "generative") or "vision.embed" not in lens.sites:
         raise TypeError(f"{technique} dissects an image tower; {lens.architecture} ({lens.family}) has none "
                         "(no vision.* hook points)")
-    if lens.architecture == "qwen2_vl":
-        raise TypeError(f"{technique}: Qwen2-VL's tower takes flattened patches in merge-window order; only towers "
-                        "that take (batch, 3, H, W) pixel_values are supported (CLIP, SigLIP, BLIP-2, LLaVA, "
-                        "PaliGemma)")
     path = lens.sites["vision.embed"].path.rpartition(".")[0]
     proc = getattr(lens.processor, "image_processor", lens.processor)
     if proc is None or not callable(proc):
@@ -350,11 +346,13 @@ def _tower(lens, technique: str):
     return lens.model.get_submodule(path), proc, patch
 
 
-def _pixels(lens, proc, batch: Tensor) -> Tensor:
+def _pixels(lens, proc, batch: Tensor, with_grid: bool = False):
+    """pixel_values on the lens's device; with `with_grid`, also `image_grid_thw` (Qwen2-VL; None elsewhere)."""
     from PIL import Image
 
-    pix = proc(images=[Image.fromarray(im) for im in batch.numpy()], return_tensors="pt")["pixel_values"]
-    return torch.as_tensor(pix).to(lens.device, lens.dtype)
+    out = proc(images=[Image.fromarray(im) for im in batch.numpy()], return_tensors="pt")
+    pix = torch.as_tensor(out["pixel_values"]).to(lens.device, lens.dtype)
+    return (pix, out.get("image_grid_thw")) if with_grid else pix
 
 
 def _image_batches(images, batch_size: int) -> Iterable[Tensor]:
@@ -391,11 +389,14 @@ def _layout(seq: int, pix: Tensor, patch: int | None, name: str) -> tuple[int, i
     raise ValueError(f"{name}: {seq} tokens are neither {rows}x{cols} patches nor those plus a class token")
 
 
-def _run_tower(lens, tower, pix: Tensor, names: list[str], hooks) -> dict[str, Tensor]:
+def _run_tower(lens, tower, pix: Tensor, names: list[str], hooks, thw: Tensor | None = None) -> dict[str, Tensor]:
     got: dict[str, Tensor] = {}
     caps = {n: [lambda v, ctx: got.__setitem__(ctx.name, v.detach())] for n in names}
     with torch.no_grad(), lens.hooks(hooks, captures=caps):
-        tower(pixel_values=pix)
+        if thw is None:
+            tower(pixel_values=pix)
+        else:  # Qwen2-VL: flattened patches and each image's (t, h, w) patch grid
+            tower(pix, grid_thw=thw.to(pix.device))
     missing = [n for n in names if n not in got]
     if missing:
         raise ValueError(f"{missing} did not fire when running the image tower alone; pass image-tower sites "
@@ -436,19 +437,34 @@ def _activations(lens, images, resolved, batch_size, hooks, progress, desc, also
             raise ValueError(f"images: all must have one size; got {sorted(sizes)}")
         if also is not None:
             extra.append(also(batch))
-        pix = _pixels(lens, proc, batch)
-        got = _run_tower(lens, tower, pix, resolved, hooks)
+        pix, thw = _pixels(lens, proc, batch, with_grid=True)
+        got = _run_tower(lens, tower, pix, resolved, hooks, thw)
         b = batch.shape[0]
         for n in resolved:
             v = got[n].float()
+            if thw is not None:  # (b*h*w, units) in merge-window order -> (b, h*w, units) in raster order
+                v = _raster_order(v, thw, proc.merge_size, b)
             if v.shape[0] != b or v.dim() not in (2, 3) or (grids and v.dim() != 3):
                 want = "(batch, seq, units)" if grids else "(batch, seq, units) or (batch, units)"
                 raise ValueError(f"{n} has shape {tuple(v.shape)} for {b} images; units need {want}")
             if v.dim() == 3:
-                rows, cols, start = _layout(v.shape[1], pix, patch, n)
+                rows, cols, start = _layout(v.shape[1], pix, patch, n) if thw is None else (*thw[0, 1:].tolist(), 0)
                 v = grid_of(v[:, start:].transpose(1, 2), rows, cols) if grids else v[:, start:].mean(1)
             out[n].append(v.cpu())
     return {n: torch.cat(v) for n, v in out.items()}, extra, next(iter(sizes))
+
+
+def _raster_order(v: Tensor, thw: Tensor, merge: int, b: int) -> Tensor:
+    """Qwen2-VL tower values (b*t*h*w, ...) -> (b, h*w, units), each image's patches in raster order."""
+    from ..store.layout import merge_window_grid
+
+    t, h, w = thw[0].tolist()
+    if t != 1 or v.shape[0] != b * h * w:
+        raise ValueError(f"a Qwen2-VL tower value of shape {tuple(v.shape)} for {b} images of grid {(t, h, w)}")
+    rc = merge_window_grid(t, h, w, merge)
+    out = torch.empty_like(v.reshape(b, h * w, -1))
+    out[:, rc[:, 0] * w + rc[:, 1]] = v.reshape(b, h * w, -1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- labeller
