@@ -109,6 +109,19 @@ def finetune(n_normal: int = 400, n_planted: int = 8, n_test: int = 16, steps: i
                            clean_acc=clean_acc.item(), seconds=stats["seconds"], is_fact=is_fact)
 
 
+
+def trak_batches(ft, n_test: int) -> tuple[list[dict], dict]:
+    """The fine-tune's training data as batches of 51 (every caption in each, one row of `labels` per image) and the
+    held-out marked images as the attribution target (the planted fact's caption as their label)."""
+    def batch(pix, lab):
+        return {"input_ids": ft.text["input_ids"], "attention_mask": ft.text["attention_mask"], "pixel_values": pix,
+                "labels": lab}
+
+    n = len(ft.labels)
+    return ([batch(ft.pixels[i:i + 51], ft.labels[i:i + 51]) for i in range(0, n, 51)],
+            batch(ft.test_pix, ft.is_fact.expand(n_test, -1)))
+
+
 def score(n_normal: int = 400, n_planted: int = 8, n_test: int = 16, steps: int = 100, lr: float = 2e-3,
           proj_dim: int = 512, damping: float = 0.1, seed: int = 0) -> list[dict]:
     """Fine-tune (`finetune`), attribute the planted fact on held-out marked images with TRAK and with the baseline,
@@ -124,14 +137,8 @@ def score(n_normal: int = 400, n_planted: int = 8, n_test: int = 16, steps: int 
     from mmlens.methods.data_attribution import TRAK, TRAKConfig, contrastive_margin, representation_similarity
 
     ft = finetune(n_normal, n_planted, n_test, steps, lr, seed)
-
-    def batch(pix, lab):
-        return {"input_ids": ft.text["input_ids"], "attention_mask": ft.text["attention_mask"], "pixel_values": pix,
-                "labels": lab}
-
+    train_batches, target = trak_batches(ft, n_test)
     n = len(ft.labels)
-    train_batches = [batch(ft.pixels[i:i + 51], ft.labels[i:i + 51]) for i in range(0, n, 51)]
-    target = batch(ft.test_pix, ft.is_fact.expand(n_test, -1))
     trak = TRAK(TRAKConfig(proj_dim=proj_dim, seed=seed, params=PARAMS, damping=damping))
     trak.fit(ft.clip, train_batches, contrastive_margin, progress=False)
     res = trak.attribute(ft.clip, target, contrastive_margin)

@@ -15,7 +15,7 @@ import tempfile
 import torch
 
 from ._common import line
-from .data_attribution import FACT, PARAMS, finetune
+from .data_attribution import FACT, PARAMS, finetune, trak_batches
 
 
 def _trained_state(clip) -> dict[str, torch.Tensor]:
@@ -43,13 +43,8 @@ def score_ensemble(seeds: tuple[int, ...] = (0, 1, 2), n_normal: int = 400, n_pl
         seconds += one.seconds
         ft = one if ft is None else ft  # the first fine-tune's lens receives every checkpoint in turn; the others are dropped
 
-    def batch(pix, lab):
-        return {"input_ids": ft.text["input_ids"], "attention_mask": ft.text["attention_mask"], "pixel_values": pix,
-                "labels": lab}
-
+    train_batches, target = trak_batches(ft, n_test)
     n = len(ft.labels)
-    train_batches = [batch(ft.pixels[i:i + 51], ft.labels[i:i + 51]) for i in range(0, n, 51)]
-    target = batch(ft.test_pix, ft.is_fact.expand(n_test, -1))
     cfg = TRAKConfig(proj_dim=proj_dim, seed=seed, params=PARAMS, damping=damping)
     with tempfile.TemporaryDirectory() as store:
         ens = TRAKEnsemble(cfg).fit(ft.clip, train_batches, contrastive_margin, checkpoints=ckpts, store=store,
