@@ -31,9 +31,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .relevancy import (RelevancyResult, _chefer, _propagate, _recording, _rollout, _single, generative_setup,
-                        patch_grid, pixel_images)
-from .result import provenance
+from .relevancy import (RelevancyResult, _propagate, _rollout, generative_result, generative_setup, patch_grid,
+                        target_factors)
 
 
 def residual_normalise(r: Float[Tensor, "b n n"]) -> Float[Tensor, "b n n"]:
@@ -93,27 +92,11 @@ def blip2_relevancy(lens, inputs: dict, target, method: str, position, through_v
     q_names = [n for n, _ in q_layers]
     v_names = lens.hook_points("vision.blocks.*.attn.pattern") if tv else []
     names = lm_names + q_names + v_names
-    grad = method == "chefer"
     rows = torch.arange(b)
-    with _recording(lens, names, grad) as store:
-        out = lens.model(**lens.prepare(inputs, where="relevancy"))
-        logits = out.logits[rows.to(out.logits.device), pos.to(out.logits.device)]  # (b, vocab)
-        pred = logits.detach().argmax(-1).cpu()
-        ids = [pred if t.predicted else t.ids for t in targets]
-        scores = torch.stack([logits[rows.to(logits.device), i.to(logits.device)] for i in ids], 1)
-        atts = [_single(store, nm) for nm in names]
-        factors = []
-        for k in range(len(targets)):
-            if grad:
-                gs = torch.autograd.grad(scores[:, k].sum(), atts, retain_graph=k < len(targets) - 1,
-                                         allow_unused=True)
-                factors.append([_chefer(a, g) for a, g in zip(atts, gs)])
-            elif k == 0:
-                kinds = ["lm"] * len(lm_names) + [kd for _, kd in q_layers] + ["vision"] * len(v_names)
-                factors.append([a.detach().float().mean(1).cpu() if kd == "cross" else _rollout(a)
-                                for kd, a in zip(kinds, atts)])
-            else:
-                factors.append(factors[0])
+    kinds = ["lm"] * len(lm_names) + [kd for _, kd in q_layers] + ["vision"] * len(v_names)
+    ids, scores, atts, factors = target_factors(
+        lens, inputs, names, pos, targets, method,
+        lambda i, a: a.detach().float().mean(1).cpu() if kinds[i] == "cross" else _rollout(a))
     n_lm, n_q = len(lm_names), len(q_names)
     n_img = atts[n_lm + [kd for _, kd in q_layers].index("cross")].shape[-1]
     off, side = patch_grid(n_img)
@@ -130,10 +113,5 @@ def blip2_relevancy(lens, inputs: dict, target, method: str, position, through_v
         r_qi = query_matrix([(kd, m) for (_, kd), m in zip(q_layers, factors[k][n_lm:n_lm + n_q])], r_ii, method)
         u = (r_q[:, None] @ r_qi)[:, 0]  # (b, vision tokens)
         maps.append(u[:, off:].reshape(b, side, side))
-    meta = provenance(lens, names, method=method, through_vision=tv,
-                      position=position if isinstance(position, str) else int(position))
-    return RelevancyResult(meta=meta, maps=torch.stack(maps, 1), images=pixel_images(lens, inputs, images),
-                           labels=[t.label for t in targets], method=f"relevancy ({method})",
-                           token_relevancy=torch.stack(tok_rel, 1), tokens=[list(t) for t in tm.tokens],
-                           token_rows=rows[:, None].expand(b, len(targets)).clone(),
-                           targets=[i.tolist() for i in ids], scores=scores.detach().float().cpu())
+    return generative_result(lens, inputs, images, names, method, tv, position, tm, targets, ids, scores, maps,
+                             tok_rel)

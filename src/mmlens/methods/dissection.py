@@ -337,13 +337,21 @@ def _tower(lens, technique: str):
         raise TypeError(f"{technique} dissects an image tower; {lens.architecture} ({lens.family}) has none "
                         "(no vision.* hook points)")
     path = lens.sites["vision.embed"].path.rpartition(".")[0]
-    proc = getattr(lens.processor, "image_processor", lens.processor)
-    if proc is None or not callable(proc):
-        raise TypeError(f"{technique}: {lens.architecture} was loaded without an image processor; load it with "
-                        "its processor (mmlens.load on the model folder)")
+    proc = _image_processor(lens, technique)
     cfg = lens.model.config
     patch = getattr(getattr(cfg, "vision_config", None) or cfg, "patch_size", None)
     return lens.model.get_submodule(path), proc, patch
+
+
+def _image_processor(lens, technique: str):
+    """`lens.processor.image_processor` (or the processor itself), or a TypeError: a tokenizer is callable too (a
+    Qwen2-VL folder whose processor could not be built loads its tokenizer alone) and would fail obscurely."""
+    proc = getattr(lens.processor, "image_processor", lens.processor)
+    if proc is None or not callable(proc) or "pixel_values" not in getattr(proc, "model_input_names", ["pixel_values"]):
+        got = "no processor" if lens.processor is None else f"only a {type(lens.processor).__name__}"
+        raise TypeError(f"{technique}: {lens.architecture} has no image processor ({got}); load it with its processor "
+                        "(mmlens.load(folder, processor=...)) or set lens.processor to one with an image_processor")
+    return proc
 
 
 def _pixels(lens, proc, batch: Tensor, with_grid: bool = False):
@@ -511,7 +519,7 @@ def labeller_similarities(labeller, images, concepts: Sequence[str] | Mapping[st
 
 
 def _image_cos(labeller, batch: Tensor, text: Tensor) -> Tensor:
-    proc = getattr(labeller.processor, "image_processor", labeller.processor)
+    proc = _image_processor(labeller, "clip_dissect's labeller")
     with torch.no_grad():
         img = _features(labeller.model.get_image_features(pixel_values=_pixels(labeller, proc, batch)))
     return torch.nn.functional.normalize(img, dim=-1) @ text.T

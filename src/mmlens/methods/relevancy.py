@@ -506,27 +506,11 @@ def _generative(lens, inputs: dict, target, method: str, position, through_visio
     tm, b, seq, pos, targets = generative_setup(lens, inputs, target, position)
     lm_names = lens.hook_points("lm.blocks.*.attn.pattern")
     v_names = lens.hook_points("vision.blocks.*.attn.pattern") if tv else []
-    grad = method == "chefer"
     rows = torch.arange(b)
-    with _recording(lens, lm_names + v_names, grad) as store:
-        out = lens.model(**lens.prepare(inputs, where="relevancy"))
-        logits = out.logits[rows.to(out.logits.device), pos.to(out.logits.device)]  # (b, vocab)
-        pred = logits.detach().argmax(-1).cpu()
-        ids = [pred if t.predicted else t.ids for t in targets]
-        scores = torch.stack([logits[rows.to(logits.device), i.to(logits.device)] for i in ids], 1)
-        la = [_single(store, nm) for nm in lm_names]
-        va = [_single(store, nm) for nm in v_names]
-        factors = []
-        for k in range(len(targets)):
-            if grad:
-                gs = torch.autograd.grad(scores[:, k].sum(), la + va, retain_graph=k < len(targets) - 1,
-                                         allow_unused=True)
-                factors.append([_chefer(a, g) for a, g in zip(la + va, gs)])
-            elif k == 0:
-                factors.append([_rollout(a) for a in la + va])
-            else:
-                factors.append(factors[0])
-    n_lm = len(la)
+    ids, scores, atts, factors = target_factors(lens, inputs, lm_names + v_names, pos, targets, method,
+                                                lambda i, a: _rollout(a))
+    n_lm = len(lm_names)
+    va = atts[n_lm:]
     tok_rel, maps = [], []
     for k in range(len(targets)):
         e = torch.zeros(b, seq)
@@ -551,12 +535,46 @@ def _generative(lens, inputs: dict, target, method: str, position, through_visio
             u[r].index_add_(0, idx, v[r, p])
         u = _propagate(u, factors[k][n_lm:n_lm + used], method)
         maps.append(u[:, off:].reshape(b, side, side))
-    meta = provenance(lens, lm_names + v_names, method=method, through_vision=tv,
+    return generative_result(lens, inputs, images, lm_names + v_names, method, tv, position, tm, targets, ids, scores,
+                             maps, tok_rel)
+
+
+def target_factors(lens, inputs, names: list[str], pos: Tensor, targets, method: str, rollout_factor):
+    """One forward with the attention maps at `names` recorded: the target ids and logits (batch, targets), the maps,
+    and per target each map's factor: Chefer's gradient-weighted map (one backward per target) or, for rollout,
+    `rollout_factor(index, map)` (the same for every target)."""
+    grad = method == "chefer"
+    rows = torch.arange(len(pos))
+    with _recording(lens, names, grad) as store:
+        out = lens.model(**lens.prepare(inputs, where="relevancy"))
+        logits = out.logits[rows.to(out.logits.device), pos.to(out.logits.device)]  # (b, vocab)
+        pred = logits.detach().argmax(-1).cpu()
+        ids = [pred if t.predicted else t.ids for t in targets]
+        scores = torch.stack([logits[rows.to(logits.device), i.to(logits.device)] for i in ids], 1)
+        atts = [_single(store, nm) for nm in names]
+        factors = []
+        for k in range(len(targets)):
+            if grad:
+                gs = torch.autograd.grad(scores[:, k].sum(), atts, retain_graph=k < len(targets) - 1,
+                                         allow_unused=True)
+                factors.append([_chefer(a, g) for a, g in zip(atts, gs)])
+            elif k == 0:
+                factors.append([rollout_factor(i, a) for i, a in enumerate(atts)])
+            else:
+                factors.append(factors[0])
+    return ids, scores, atts, factors
+
+
+def generative_result(lens, inputs, images, names, method, tv, position, tm, targets, ids, scores, maps,
+                      tok_rel) -> RelevancyResult:
+    """The `RelevancyResult` of a generative VLM: per-target maps over the image grid and relevancy per token."""
+    b = scores.shape[0]
+    meta = provenance(lens, names, method=method, through_vision=tv,
                       position=position if isinstance(position, str) else int(position))
     return RelevancyResult(meta=meta, maps=torch.stack(maps, 1), images=pixel_images(lens, inputs, images),
                            labels=[t.label for t in targets], method=f"relevancy ({method})",
                            token_relevancy=torch.stack(tok_rel, 1), tokens=[list(t) for t in tm.tokens],
-                           token_rows=rows[:, None].expand(b, len(targets)).clone(),
+                           token_rows=torch.arange(b)[:, None].expand(b, len(targets)).clone(),
                            targets=[i.tolist() for i in ids], scores=scores.detach().float().cpu())
 
 
