@@ -21,7 +21,8 @@ Two ways to label a unit (Bau et al. 2017, "Network Dissection"; Oikarinen & Wen
 Both work on any ViT image tower with per-token sites (CLIP, SigLIP, BLIP-2's tower, LLaVA's and PaliGemma's
 `vision.blocks...`): the tower is run alone on the images (through the lens's own image processor), in batches.
 Units are the last dim of each site (`mlp.post`: MLP neurons; `resid_post`: residual dims). Qwen2-VL's tower takes
-flattened patches in merge-window order; its tokens are put back in raster order (`store.layout.merge_window_grid`).
+flattened patches in merge-window order; its tokens are put back in raster order (`store.layout.merge_window_grid`);
+`hooks` on its sites still see the tower's own (images x patches, units) values in merge-window order.
 """
 
 from __future__ import annotations
@@ -348,7 +349,8 @@ def _image_processor(lens, technique: str):
     Qwen2-VL folder whose processor could not be built loads its tokenizer alone) and would fail obscurely."""
     proc = getattr(lens.processor, "image_processor", lens.processor)
     if proc is None or not callable(proc) or "pixel_values" not in getattr(proc, "model_input_names", ["pixel_values"]):
-        got = "no processor" if lens.processor is None else f"only a {type(lens.processor).__name__}"
+        got = ("no processor" if lens.processor is None else f"{type(lens.processor).__name__}.image_processor is None"
+               if proc is None else f"its processor is a {type(proc).__name__}")
         raise TypeError(f"{technique}: {lens.architecture} has no image processor ({got}); load it with its processor "
                         "(mmlens.load(folder, processor=...)) or set lens.processor to one with an image_processor")
     return proc
@@ -507,6 +509,7 @@ def _check_labeller(labeller) -> None:
         raise TypeError(f"clip_dissect's labeller needs both towers (get_image_features and get_text_features); "
                         f"{type(model).__name__} has {'only one' if hasattr(model, 'config') else 'neither'}: load "
                         "the dual encoder (e.g. CLIPModel)")
+    _image_processor(labeller, "clip_dissect's labeller")
 
 
 def labeller_similarities(labeller, images, concepts: Sequence[str] | Mapping[str, Sequence[str]], *,
