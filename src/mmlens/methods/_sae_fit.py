@@ -4,7 +4,12 @@ callable step -> batch; resumable (safetensors checkpoints, optimizer included) 
 One step: loss = MSE (summed over d_in, averaged over tokens, as SAELens) + the architecture's sparsity term (ReLU:
 L1 on |f| * ||W_dec row||; JumpReLU: L0 through the rectangle-kernel straight-through estimator) + the AuxK loss
 (Gao et al. 2024: the top `aux_k` pre-activations of the dead features reconstruct the residual, scaled down while
-few features are dead), for every architecture. Dead features are revived by that auxiliary loss rather than by
+few features are dead), for every architecture. With `cfg.matryoshka_widths` = [m_1, ..., d_sae] (Matryoshka SAEs,
+Bussmann, Nabeshima, Karvonen & Nanda 2025) the MSE term becomes the sum over j of the MSE of the prefix
+reconstruction decode(f[:, :m_j]) + b_dec, the codes f being the usual ones (as SAELens's MatryoshkaBatchTopK: one
+encode, nested decodes; the AuxK residual is the whole SAE's); general features settle in the early prefixes
+instead of being absorbed into specific ones. The sparse path decodes every prefix with one embedding_bag
+(`_sae_kernels.prefix_decode`). Dead features are revived by that auxiliary loss rather than by
 Anthropic-style resampling: resampling needs one choice of inputs agreed across ranks and surgery on the optimizer
 state, the aux loss does the same job through the gradient and keeps data parallelism plain. The pre-activations
 fed to it are not rectified (as SAELens), so a ReLU feature that never fires still gets a gradient.
@@ -45,7 +50,8 @@ from torch import Tensor, nn
 
 from ..store import ActivationStore
 from ..train import Checkpointer, cosine_lr
-from ._sae_kernels import JumpReLU, Step, fixed_offsets, sparse_decode, sparse_encode, topk_pre
+from ._sae_kernels import (JumpReLU, Step, fixed_offsets, prefix_decode, prefix_decode_dense, sparse_decode,
+                           sparse_encode, topk_pre)
 
 
 # --------------------------------------------------------------------------------------------- bookkeeping
@@ -95,13 +101,16 @@ class Objective(nn.Module):
 
 
 def losses(sae, x: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
-    """loss (to minimise), mse, recon (detached, in scaled units), target, l0 (active entries in the batch),
-    fired (per-feature count of tokens where it fired), min_kept (BatchTopK: smallest kept activation)."""
+    """loss (to minimise), mse (of the whole SAE), recon (detached, in scaled units), target, l0 (active entries in
+    the batch), fired (per-feature count of tokens where it fired), min_kept (BatchTopK: smallest kept activation),
+    matryoshka_mse (with cfg.matryoshka_widths: the MSE of each prefix, the last being `mse`), aux (AuxK loss)."""
     cfg = sae.cfg
     W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
     target = x * sae.input_scale
     xs = target - b_dec
     n, m = x.shape[0], cfg.d_sae
+    widths = cfg.matryoshka_widths
+    nested = widths is not None and len(widths) > 1
     out: dict[str, Tensor] = {}
     pre_dense = None
     penalty = None
@@ -118,7 +127,10 @@ def losses(sae, x: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
                 offsets = torch.cumsum(counts, 0) - counts
                 vals = pre_dense.reshape(-1)[flat]
         acts = F.relu(sparse_encode(xs, W_enc, b_enc, offsets, cols, vals))
-        recon = sparse_decode(acts, offsets, cols, W_dec) + b_dec
+        if nested:
+            prefixes = prefix_decode(acts, offsets, cols, W_dec, widths) + b_dec
+        else:
+            recon = sparse_decode(acts, offsets, cols, W_dec) + b_dec
         on = acts > 0
         out["fired"] = torch.bincount(cols[on], minlength=m)
         out["l0"] = on.sum()
@@ -133,13 +145,24 @@ def losses(sae, x: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
             t = sae.threshold
             f = JumpReLU.apply(pre, t, cfg.jumprelu_bandwidth)
             penalty = cfg.l0_coefficient * Step.apply(pre, t, cfg.jumprelu_bandwidth).sum(-1).mean()
-        recon = f @ W_dec + b_dec
+        if nested:
+            prefixes = prefix_decode_dense(f, W_dec, widths) + b_dec
+        else:
+            recon = f @ W_dec + b_dec
         on = f > 0
         out["fired"] = on.sum(0)
         out["l0"] = on.sum()
         pre_dense = pre.detach()
-    mse = (recon - target).pow(2).sum(-1).mean()
-    loss = mse if penalty is None else mse + penalty
+    if nested:  # Matryoshka: every prefix reconstructs alone; the last prefix is the whole SAE
+        level_mse = (prefixes - target[:, None]).pow(2).sum(-1).mean(0)
+        recon, mse = prefixes[:, -1], level_mse[-1]
+        out["matryoshka_mse"] = level_mse.detach()
+        loss = level_mse.sum()
+    else:
+        mse = (recon - target).pow(2).sum(-1).mean()
+        loss = mse
+    if penalty is not None:
+        loss = loss + penalty
     if dead is not None:
         n_dead = int(dead.sum())
         if n_dead > 0:

@@ -12,6 +12,9 @@ of each entry, `offsets` (batch,) where each token's entries start (tokens in or
   gradient: grad x = bag-sum of g * W_enc[:, col], grad W_enc[:, col] += g * x[row], grad b_enc = bincount.
 - `sparse_decode`: sum of value * W_dec[col] per token (embedding_bag with per-sample weights; its own backward
   gathers only the kept rows).
+- `prefix_decode` / `prefix_decode_dense`: Matryoshka's nested reconstructions, the decode of each prefix
+  `f[:, :m_j]` of the features (Bussmann et al. 2025): entries are grouped by (token, band between two widths) so
+  one embedding_bag decodes every band, and a cumulative sum over bands gives every prefix.
 - `JumpReLU` / `Step`: the JumpReLU activation and its L0 count with the straight-through pseudo-gradient of a
   rectangle kernel for the threshold (Rajamanoharan et al. 2024, "Jumping ahead").
 """
@@ -91,6 +94,34 @@ def sparse_decode(values: Float[Tensor, " nnz"], offsets: Int[Tensor, " batch"],
                   W_dec: Float[Tensor, "d_sae d_in"]) -> Float[Tensor, "batch d_in"]:
     """Per token, the sum of value * W_dec[col] over its entries (no bias)."""
     return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values)
+
+
+def prefix_decode(values: Float[Tensor, " nnz"], offsets: Int[Tensor, " batch"], cols: Int[Tensor, " nnz"],
+                  W_dec: Float[Tensor, "d_sae d_in"], widths: list[int]) -> Float[Tensor, "batch levels d_in"]:
+    """Per token and width m_j, the sum of value * W_dec[col] over its entries with col < m_j (no bias).
+
+    Entries are stably sorted by (token, band) with band j holding widths[j-1] <= col < widths[j]; each
+    (token, band) pair is one bag of a single embedding_bag (so W_dec's gradient is built once, not once per
+    level), and the cumulative sum over bands turns band decodes into prefix decodes."""
+    n, levels = offsets.shape[0], len(widths)
+    bounds = torch.as_tensor(widths, device=cols.device, dtype=cols.dtype)
+    band = torch.bucketize(cols, bounds, right=True).clamp_max_(levels - 1)
+    key = bag_rows(offsets, cols.shape[0]) * levels + band
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=n * levels)
+    bag_offsets = torch.cumsum(counts, 0) - counts
+    bands = F.embedding_bag(cols[order], W_dec, bag_offsets, mode="sum", per_sample_weights=values[order])
+    return bands.view(n, levels, -1).cumsum(1)
+
+
+def prefix_decode_dense(f: Float[Tensor, "batch d_sae"], W_dec: Float[Tensor, "d_sae d_in"],
+                        widths: list[int]) -> Float[Tensor, "batch levels d_in"]:
+    """`prefix_decode` for a dense code (ReLU, JumpReLU): f[:, :m_j] @ W_dec[:m_j] for every width m_j."""
+    bands, lo = [], 0
+    for hi in widths:
+        bands.append(f[:, lo:hi] @ W_dec[lo:hi])
+        lo = hi
+    return torch.stack(bands, 1).cumsum(1)
 
 
 def fixed_offsets(batch: int, k: int, device) -> Int[Tensor, " batch"]:

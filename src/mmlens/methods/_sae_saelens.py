@@ -5,7 +5,10 @@ when the SAE was fitted. Read from SAELens's own code (sae_lens/saes/*.py, `SAE.
 
 Mapping: our ReLU = "standard", TopK = "topk", JumpReLU = "jumprelu". SAELens has no BatchTopK inference class: its
 trainer saves a BatchTopK SAE as "jumprelu" with the global threshold in every entry and
-metadata.training_architecture = "batchtopk"; we write the same and read such a file back as BatchTopK. Our
+metadata.training_architecture = "batchtopk"; we write the same and read such a file back as BatchTopK. Matryoshka
+widths are training-only: SAELens saves its MatryoshkaBatchTopK as that same JumpReLU with training_architecture
+"matryoshka_batchtopk" and training_architecture_details.matryoshka_widths; we write the same ("matryoshka_" + the
+training architecture for the others, which SAELens has no trainer for) and read the widths back into the config. Our
 `input_scale` is folded into the weights on export (W_enc * s, W_dec / s, b_dec / s: the same function), and on
 import SAELens's `apply_b_dec_to_input=False` is folded into b_enc, `rescale_acts_by_decoder_norm` into the weights
 (as SAELens folds it), and an `expected_average_only_in` scaling factor from `activation_scaler.json` becomes
@@ -50,10 +53,14 @@ def save_saelens(sae, folder: str | os.PathLike, *, model_name: str | None = Non
             w["threshold"] = sae.threshold.float().clone()
         w = {k: v.to(dtype).detach().cpu().contiguous() for k, v in w.items()}
     arch = TO_SAELENS[cfg.architecture]
+    training = cfg.architecture if cfg.architecture != "relu" else "standard"
+    details = {"k": cfg.k} if cfg.architecture == "batchtopk" else {}
+    if cfg.matryoshka_widths:  # training-only: SAELens's trainer records them the same way
+        training = "matryoshka_" + training
+        details["matryoshka_widths"] = list(cfg.matryoshka_widths)
     metadata = {"sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": FORMAT_VERSION,
                 "hook_name": cfg.hook_name, "model_name": model_name, "written_by": f"mmlens {__version__}",
-                "training_architecture": cfg.architecture if cfg.architecture != "relu" else "standard",
-                "training_architecture_details": {"k": cfg.k} if cfg.architecture == "batchtopk" else {}}
+                "training_architecture": training, "training_architecture_details": details}
     doc = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu", "apply_b_dec_to_input": True,
            "normalize_activations": "none", "reshape_activations": "none", "metadata": metadata,
            "architecture": arch}
@@ -116,14 +123,23 @@ def from_saelens(sae_cls, config_cls, folder: str | os.PathLike, *, hook_name: s
         W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
     ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]
     k = int(doc.get("k") or 32)
-    if arch == "jumprelu" and meta.get("training_architecture") == "batchtopk" and threshold is not None \
-            and bool((threshold == threshold[0]).all()):
+    details = meta.get("training_architecture_details") or {}
+    if arch == "jumprelu" and meta.get("training_architecture") in ("batchtopk", "matryoshka_batchtopk") \
+            and threshold is not None and bool((threshold == threshold[0]).all()):
         ours = "batchtopk"
-        k = int((meta.get("training_architecture_details") or {}).get("k") or k)
+        k = int(details.get("k") or k)
     dtype = str(doc.get("dtype", "float32")).replace("torch.", "")
-    cfg = config_cls(d_in=d_in, d_sae=d_sae, architecture=ours, k=min(k, d_sae), normalize="none",
-                     hook_name=hook_name or meta.get("hook_name") or doc.get("hook_name"),
-                     dtype=dtype if dtype in DTYPES else "float32")
+    kw = dict(d_in=d_in, d_sae=d_sae, architecture=ours, k=min(k, d_sae), normalize="none",
+              hook_name=hook_name or meta.get("hook_name") or doc.get("hook_name"),
+              dtype=dtype if dtype in DTYPES else "float32")
+    cfg = config_cls(**kw)
+    widths = details.get("matryoshka_widths")
+    if widths:  # training-only: kept so that fine-tuning goes on with the same nested loss
+        widths = list(widths) + ([d_sae] if list(widths)[-1] != d_sae else [])  # SAELens appends d_sae too
+        try:
+            cfg = config_cls(**kw, matryoshka_widths=widths)
+        except ValueError as e:
+            warnings.warn(f"{folder}: ignoring its training detail matryoshka_widths ({e})")
     sae = sae_cls(cfg)
     with torch.no_grad():
         sae.W_enc.copy_(W_enc)

@@ -1,4 +1,5 @@
-"""Sparse autoencoders (ReLU/L1, TopK, BatchTopK, JumpReLU) as estimators over any hook point of any family.
+"""Sparse autoencoders (ReLU/L1, TopK, BatchTopK, JumpReLU; Matryoshka training for each) as estimators over any
+hook point of any family.
 
     sae = SAE(SAEConfig(d_in=128, d_sae=2048, architecture="topk", k=16, hook_name="vision.blocks.2.resid_post"))
     f = sae.encode(x)          # (..., d_sae) feature activations, zeros where a feature is off
@@ -11,8 +12,16 @@
 Conventions follow SAELens so that its saved SAEs load here and ours there: `W_enc` (d_in, d_sae), `b_enc`,
 `W_dec` (d_sae, d_in), `b_dec` subtracted from the input before encoding, `threshold` (d_sae) for JumpReLU and for
 BatchTopK at inference (BatchTopK keeps the top k * batch activations of a batch while training, then one global
-threshold, Bussmann et al. 2024). Inputs are multiplied by `input_scale` before encoding and outputs divided by it
-(`normalize="expected_norm"` sets it so the mean input norm is sqrt(d_in): one learning rate for every site).
+threshold, Bussmann et al. 2024).
+
+Matryoshka SAEs (Bussmann, Nabeshima, Karvonen & Nanda 2025), for any architecture: `matryoshka_widths=[m_1, ...,
+d_sae]` adds the loss of each prefix's reconstruction decode(f[:, :m_j]), so general features (a colour) settle in
+the first features instead of being absorbed into specific ones (a red square). It changes the training loss only:
+
+    SAEConfig(d_in=128, d_sae=2048, architecture="batchtopk", k=16, matryoshka_widths=[128, 512, 2048])
+
+Inputs are multiplied by `input_scale` before encoding and outputs divided by it (`normalize="expected_norm"` sets
+it so the mean input norm is sqrt(d_in): one learning rate for every site).
 """
 
 from __future__ import annotations
@@ -42,7 +51,9 @@ class SAEConfig:
     a feature is dead after `dead_tokens` tokens without firing (the aux loss revives dead features of every
     architecture; see `_sae_fit`). `batch_size`: tokens per optimizer step over all ranks. `lr_schedule`: "cosine"
     (linear warmup, cosine to 5%) or "constant" (after the warmup). `batch_threshold_lr`: the rate of BatchTopK's
-    running mean of each batch's smallest kept activation. `hook_name`: the canonical site the SAE reads;
+    running mean of each batch's smallest kept activation. `matryoshka_widths`: [m_1 < ... < d_sae] trains a
+    Matryoshka SAE (every architecture): each prefix of the features must reconstruct the input alone (training
+    only; `encode`/`decode` are unchanged). `hook_name`: the canonical site the SAE reads;
     `normalize`: "none" or "expected_norm" (see the module docstring); `dtype`: the parameters' dtype."""
 
     d_in: int
@@ -65,6 +76,7 @@ class SAEConfig:
     dtype: str = "float32"
     lr_schedule: str = "cosine"
     batch_threshold_lr: float = 0.01
+    matryoshka_widths: list[int] | None = None
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -83,6 +95,20 @@ class SAEConfig:
             raise ValueError(f"batch_size >= 1, lr > 0, aux_k >= 0 and jumprelu_bandwidth > 0 are needed; got "
                              f"batch_size={self.batch_size}, lr={self.lr}, aux_k={self.aux_k}, "
                              f"jumprelu_bandwidth={self.jumprelu_bandwidth}")
+        if self.matryoshka_widths is not None:
+            w = self.matryoshka_widths
+            if isinstance(w, (str, bytes)) or not hasattr(w, "__iter__"):
+                raise ValueError(f"matryoshka_widths={w!r}: expected a list of ints ending at d_sae ({self.d_sae})")
+            w = list(w)
+            bad = [v for v in w if isinstance(v, bool) or not isinstance(v, int)]
+            if not w or bad:
+                raise ValueError(f"matryoshka_widths={w!r}: expected a non-empty list of ints ending at d_sae "
+                                 f"({self.d_sae})")
+            if w[0] < 1 or any(a >= b for a, b in zip(w, w[1:])) or w[-1] != self.d_sae:
+                raise ValueError(f"matryoshka_widths={w}: widths must be >= 1, strictly increasing and end at "
+                                 f"d_sae={self.d_sae}, e.g. [{max(1, self.d_sae // 16)}, {max(1, self.d_sae // 4)}, "
+                                 f"{self.d_sae}]")
+            self.matryoshka_widths = w
 
 
 class SAE(nn.Module):
@@ -221,6 +247,7 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}" + (f", k={c.k}" if "topk" in c.architecture else "") + \
+            (f", matryoshka_widths={c.matryoshka_widths}" if c.matryoshka_widths else "") + \
             (f", hook_name={c.hook_name!r}" if c.hook_name else "")
 
 
