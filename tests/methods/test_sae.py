@@ -194,11 +194,12 @@ def test_other_architectures_train(arch):
         assert l0 < 40
 
 
+@pytest.mark.parametrize("widths", [None, [2, 8, 32]], ids=["plain", "matryoshka"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
-def test_resume_after_a_kill_gives_the_same_weights(tmp_path, arch):
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path, arch, widths):
     _, batch = dictionary_data(d=8, atoms=16, seed=2)
     cfg = SAEConfig(d_in=8, d_sae=32, architecture=arch, k=2, lr=1e-2, batch_size=64, warmup_steps=3,
-                    dead_tokens=128, aux_k=4)
+                    dead_tokens=128, aux_k=4, matryoshka_widths=widths)
 
     def killed(step):
         if step == 9:
@@ -217,6 +218,9 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path, arch):
     assert resumed.feature_stats["tokens"] == straight.feature_stats["tokens"] == 14 * 64
     with pytest.raises(ValueError, match="another SAEConfig"):
         SAE(SAEConfig(**{**cfg.__dict__, "lr": 0.5})).fit(batch, steps=14, work=tmp_path / "run", progress=False)
+    other = SAEConfig(**{**cfg.__dict__, "matryoshka_widths": [4, 32]})  # the widths are part of the run's config
+    with pytest.raises(ValueError, match=r"another SAEConfig \(differs in \['matryoshka_widths'\]\)"):
+        SAE(other).fit(batch, steps=14, work=tmp_path / "run", progress=False)
 
 
 def test_fit_input_errors():

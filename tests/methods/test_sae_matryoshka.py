@@ -215,30 +215,6 @@ def test_save_load_and_saelens_keep_the_widths(tmp_path):
     assert SAE.from_saelens(tmp_path / "sl_topk").cfg.matryoshka_widths == [5, 20]
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
-def test_resume_after_a_kill_gives_the_same_weights(tmp_path, arch):
-    _, _, batch = hierarchy(d=8, parents=2, children=2)
-    cfg = SAEConfig(d_in=8, d_sae=32, architecture=arch, k=2, lr=1e-2, batch_size=64, warmup_steps=3,
-                    dead_tokens=128, aux_k=4, matryoshka_widths=[2, 8, 32])
-
-    def killed(step):
-        if step == 9:
-            raise RuntimeError("killed")
-        return batch(step, 64)
-
-    with pytest.raises(RuntimeError, match="killed"):
-        SAE(cfg).fit(killed, steps=14, work=tmp_path / "run", every=4, progress=False)
-    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 8
-    resumed = SAE(cfg).fit(lambda s: batch(s, 64), steps=14, work=tmp_path / "run", every=4, progress=False)
-    straight = SAE(cfg).fit(lambda s: batch(s, 64), steps=14, progress=False)
-    for (n, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
-        assert torch.equal(a, b), n
-    assert torch.equal(resumed.feature_stats["fire_count"], straight.feature_stats["fire_count"])
-    other = SAEConfig(**{**cfg.__dict__, "matryoshka_widths": [4, 32]})  # the widths are part of the run's config
-    with pytest.raises(ValueError, match=r"another SAEConfig \(differs in \['matryoshka_widths'\]\)"):
-        SAE(other).fit(batch, steps=14, work=tmp_path / "run", progress=False)
-
-
 SAELENS_SIDE = r'''
 import sys, warnings
 warnings.filterwarnings("ignore")
