@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip", default="", help="comma-separated modes not to run (mmlens, dense, saelens)")
+    ap.add_argument("--skip", default="", help="comma-separated modes not to run (mmlens, dense, matryoshka, saelens)")
     ap.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens installed")
     ap.add_argument("--store", action="store_true", help="also run benchmarks/store_io.py's measure()")
     ap.add_argument("--store-tokens", type=int, default=None, help="tokens of the store figures (default: its own)")
@@ -120,7 +120,8 @@ def main(argv=None) -> None:
         print(json.dumps(line), flush=True)
 
     # the in-process modes are timed interleaved (repeat r of every mode, then r + 1): load on a shared host drifts
-    steppers = {m: make(shape, args.device, dtype, x) for m, make in (("mmlens", mmlens_step), ("dense", dense_step))
+    steppers = {m: make(shape, args.device, dtype, x) for m, make in (("mmlens", mmlens_step), ("dense", dense_step),
+                                                                       ("matryoshka", matryoshka_step))
                 if m not in skip}
     best = {m: float("inf") for m in steppers}
     for m, step in steppers.items():
@@ -130,7 +131,9 @@ def main(argv=None) -> None:
         for m, step in steppers.items():
             best[m] = min(best[m], timed(step, args))
     for m in steppers:
-        emit(m, best[m], **({"max_abs_grad_diff": grad_diff(shape, args.device, dtype, x)} if m == "mmlens" else {}))
+        extra = {"max_abs_grad_diff": grad_diff(shape, args.device, dtype, x)} if m == "mmlens" else \
+            {"matryoshka_widths": matryoshka_widths(shape["d_sae"])} if m == "matryoshka" else {}
+        emit(m, best[m], **extra)
     if "saelens" not in skip:
         if args.saelens_python:
             payload = {**shape, "device": args.device, "dtype": args.dtype, "lr": 4e-4, "steps": args.steps,
@@ -146,7 +149,10 @@ def main(argv=None) -> None:
             print(json.dumps({"bench": "sae", "note": "SAELens not measured: give --saelens-python"}),
                   file=sys.stderr)
     if "mmlens" in seconds and len(seconds) > 1:
-        ratios = {f"mmlens_vs_{m}": round(s / seconds["mmlens"], 2) for m, s in seconds.items() if m != "mmlens"}
+        ratios = {f"mmlens_vs_{m}": round(s / seconds["mmlens"], 2) for m, s in seconds.items()
+                  if m not in ("mmlens", "matryoshka")}
+        if "matryoshka" in seconds:  # how much the nested loss costs over the plain step (not a peer)
+            ratios["matryoshka_step_cost"] = round(seconds["matryoshka"] / seconds["mmlens"], 2)
         line = {**meta, "mode": "ratios", **ratios}
         lines.append(line)
         print(json.dumps(line), flush=True)
@@ -177,18 +183,29 @@ def timed(step, args) -> float:
     return time.perf_counter() - t
 
 
-def _sae(shape, device, dtype):
+def _sae(shape, device, dtype, widths=None):
     from mmlens.methods.sae import SAE, SAEConfig
 
     cfg = SAEConfig(d_in=shape["d_in"], d_sae=shape["d_sae"], architecture="topk", k=shape["k"],
-                    batch_size=shape["batch"], normalize="none", dtype=str(dtype).replace("torch.", ""))
+                    batch_size=shape["batch"], normalize="none", dtype=str(dtype).replace("torch.", ""),
+                    matryoshka_widths=widths)
     return SAE(cfg).to(device)
 
 
-def mmlens_step(shape, device, dtype, x):
+def matryoshka_widths(d_sae: int) -> list[int]:
+    """Three nested levels, as in the Matryoshka paper's small settings: d_sae/16, d_sae/4, d_sae."""
+    return [d_sae // 16, d_sae // 4, d_sae]
+
+
+def matryoshka_step(shape, device, dtype, x):
+    """The same TopK step with Matryoshka prefixes (every prefix decoded and scored): the nested loss's cost."""
+    return mmlens_step(shape, device, dtype, x, widths=matryoshka_widths(shape["d_sae"]))
+
+
+def mmlens_step(shape, device, dtype, x, widths=None):
     from mmlens.methods._sae_fit import Trainer
 
-    sae = _sae(shape, device, dtype)
+    sae = _sae(shape, device, dtype, widths)
     trainer = Trainer(sae, total=10**6)
     trainer.initialise(x)
     return lambda i: trainer.step(i, x)
