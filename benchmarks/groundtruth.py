@@ -28,7 +28,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # `scores` lives next 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from scores import (data_attribution, trak_ensemble, diffusion_lens, dissection, feature_viz, diffusion_patching, direct_effects, joint_lens, knockout, logit_lens, neurons,  # noqa: E402
+from scores import (data_attribution, diffusion_attribution, trak_ensemble, diffusion_lens, dissection, feature_viz, diffusion_patching, direct_effects, joint_lens, knockout, logit_lens, neurons,  # noqa: E402
                     patching, pixel_probe, probes, relevancy, sae, steering, textspan, tuned_lens, word_maps)
 
 # technique name -> its scoring function (benchmarks/scores/<name>.py)
@@ -54,6 +54,7 @@ TECHNIQUES = {
     "feature_viz": feature_viz.score,
     "data_attribution": data_attribution.score,
     "trak_ensemble": trak_ensemble.score_ensemble,
+    "diffusion_attribution": diffusion_attribution.score,
     "word_maps": word_maps.score,
     "sae": sae.score,
     "sae_metrics": sae.score_metrics,

@@ -8,8 +8,8 @@ plots and renders in Jupyter (`result.Result`). Methods import only the core (le
 never `world`, `organisms` or `testing`: the scoring in `benchmarks/groundtruth.py` imports methods, not the reverse.
 """
 
-from .data_attribution import (TRAK, AttributionResult, TRAKConfig, TRAKEnsemble, contrastive_margin, generative_margin,
-                               representation_similarity)
+from .data_attribution import (TRAK, AttributionResult, TRAKConfig, TRAKEnsemble, contrastive_margin, diffusion_examples,
+                               diffusion_loss, diffusion_square, generative_margin, representation_similarity)
 from .diffusion_lens import DiffusionLensResult, diffusion_lens
 from .dissection import (DissectionResult, clip_dissect, image_activations, labeller_similarities, net_dissect,
                          unit_maps)
@@ -49,7 +49,7 @@ __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "J
            "DatasetExamples", "FeatureVizResult", "Objective", "custom", "dataset_examples", "direction", "unit",
            "visualize",
            "AttributionResult", "TRAK", "TRAKConfig", "TRAKEnsemble", "contrastive_margin", "generative_margin",
-           "representation_similarity",
+           "representation_similarity", "diffusion_examples", "diffusion_loss", "diffusion_square",
            "MapResult", "WordMapResult", "word_maps", "GradientMapResult", "RelevancyResult", "gradient_map", "relevancy",
            "DissectionResult", "clip_dissect", "image_activations", "labeller_similarities", "net_dissect", "unit_maps",
            "SpliceResult", "TextSpanResult", "encode_texts", "image_embeddings", "nonneg_lasso", "splice",

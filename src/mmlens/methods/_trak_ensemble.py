@@ -13,11 +13,12 @@ seed, for every model) and p_m,i = sigmoid(f_m(x_i)),
 
     tau(z, x_i) = [1/M sum_m phi_m(z)^T (Phi_m^T Phi_m + lambda_m I)^-1 phi_m,i] x [1/M sum_m (1 - p_m,i)]
 
-(the second factor only when `weighting`). Memory: one model at a time. Given one lens and `checkpoints` (paths of
-safetensors state dicts, state dicts, or None), each checkpoint is copied into the lens in turn over the lens's own
-weights (a partial state dict changes only its keys) and the lens gets its own weights back at the end, however the
-call ends. Store: model m's shards go to `store/model-{m:03d}/`; a killed fit resumes at the model and batch it
-stopped at.
+(the second factor only when `weighting` and the output function is a margin: not for `diffusion_square` and
+`diffusion_loss`). Memory: one model at a time. Given one lens and `checkpoints` (paths of safetensors state dicts,
+state dicts, or None), each checkpoint is copied into the lens in turn over the lens's own weights (a partial state
+dict changes only its keys) and the lens gets its own weights back at the end, however the call ends (for a
+diffusion pipeline the checkpoints are state dicts of its denoiser, e.g. `pipe.unet`). Store: model m's shards go
+to `store/model-{m:03d}/`; a killed fit resumes at the model and batch it stopped at.
 """
 
 from __future__ import annotations
@@ -121,10 +122,11 @@ class TRAKEnsemble:
                 total = s if total is None else total + s
                 meta_lens = lens if m == 0 else meta_lens
         scores = total / len(self.members_)
-        if cfg.weighting:
+        weighting = da._weighting(cfg, output_fn, "TRAKEnsemble.attribute")
+        if weighting:
             scores = scores * self.weights_
         meta = provenance(meta_lens, [], technique="TRAK", ensemble=len(self.members_), params=cfg.params,
-                          proj_dim=cfg.proj_dim, seed=cfg.seed, damping=cfg.damping, weighting=cfg.weighting,
+                          proj_dim=cfg.proj_dim, seed=cfg.seed, damping=cfg.damping, weighting=weighting,
                           output_fn=da._fn_name(output_fn), n_params=self.members_[0].n_params_)
         return da.AttributionResult(meta=meta, scores=scores.float(), method="trak")
 
@@ -224,12 +226,12 @@ class _Models:
 
     def _put(self, sd: Mapping[str, Tensor], m: int | None = None) -> None:
         """The lens's own weights, overwritten by `sd`; originals of every key ever overwritten are kept (CPU)."""
-        model = self.lenses[0].model
+        model = da._module(self.lenses[0])  # a diffusion pipeline's denoiser: checkpoints are its state dicts
         state = model.state_dict()
         unknown = [k for k in sd if k not in state]
         if unknown:
             raise ValueError(f"checkpoint {m} has {len(unknown)} keys the model lacks, e.g. {unknown[:4]}; a "
-                             "checkpoint is a state dict of the lens's own model")
+                             "checkpoint is a state dict of the lens's own model (a diffusion pipeline's denoiser)")
         for k, v in sd.items():
             if not isinstance(v, Tensor) or tuple(v.shape) != tuple(state[k].shape):
                 got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__

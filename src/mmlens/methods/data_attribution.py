@@ -22,10 +22,23 @@ features, a target z scores every training example by
 the linearised model's influence of x_i on f(z) (for a linear model and no projection it is exactly
 g_z^T (G^T G)^-1 g_i). `damping` sets lambda relative to the mean diagonal of Phi^T Phi: it keeps the solve defined
 when proj_dim exceeds the number of examples. The weighting is TRAK's Q for outputs that are logit margins (as
-`contrastive_margin` and `generative_margin` are); switch it off for other outputs. `TRAKEnsemble` (in
+`contrastive_margin` and `generative_margin` are); switch it off for other outputs (output functions that declare
+`weighting = False`, as the diffusion ones do, switch it off themselves). `TRAKEnsemble` (in
 `_trak_ensemble`) averages over M models or checkpoints as the paper does: the mean of the M models' scores times
 the mean of their weightings, one model in memory at a time (several lenses, or one lens and a list of state
 dicts swapped into it in turn).
+
+Diffusion (D-TRAK, Zheng et al. 2024; `_diffusion_tda`). On a diffusion pipeline TRAK differentiates the denoiser
+(`pipe.unet`, `pipe.transformer`): `params` globs its own parameter names ("up_blocks.1.attentions.*"). Examples
+come from `diffusion_examples(lens, images, prompts)` (latents, text states and K fixed (t, noise) draws each) and
+the output function is `diffusion_square` (D-TRAK's best: the mean squared denoiser output) or `diffusion_loss`.
+Neither is a logit margin: they declare `weighting = False` and `attribute` skips the weighting for them (warning
+when the config asks for it; say `weighting=False`). Stable Diffusion 1/2 UNets, PixArt and SD3 are supported.
+
+    ex = diffusion_examples(sd, images, prompts, timesteps=8, seed=0)
+    trak = TRAK(TRAKConfig(proj_dim=512, params="up_blocks.1.attentions.*", weighting=False))
+    trak.fit(sd, [{k: v[i:i + 8] for k, v in ex.items()} for i in range(0, len(prompts), 8)], diffusion_square)
+    res = trak.attribute(sd, target_ex, diffusion_square)
 
 Per-example gradients. When the output function says which input keys hold one row per example (`example_keys`),
 `torch.func.vmap(grad(...))` over `functional_call` takes them all in one pass; when that fails (a model doing
@@ -62,6 +75,7 @@ from ..io import atomic_path, atomic_write_text
 from ._estimator import load_estimator, save_estimator
 from ._data_attribution_result import (AttributionResult, contrastive_margin, generative_margin,
                                       representation_similarity, representations)
+from ._diffusion_tda import diffusion_examples, diffusion_loss, diffusion_square
 from .result import provenance
 
 PROJECTIONS = ("rademacher", "gaussian")
@@ -120,10 +134,7 @@ class TRAK:
         return c
 
     def _select(self, lens) -> dict[str, Tensor]:
-        model = getattr(lens, "model", None)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"TRAK differentiates a torch module; {getattr(lens, 'architecture', lens)!r} wraps a "
-                            f"{type(model).__name__} (diffusion pipelines are not supported)")
+        model = _module(lens)
         globs = [self.config.params] if isinstance(self.config.params, str) else list(self.config.params)
         if not globs or not all(isinstance(g, str) for g in globs):
             raise ValueError(f"params must be a glob or a list of globs over parameter names; got "
@@ -131,7 +142,8 @@ class TRAK:
         named = list(model.named_parameters())
         chosen = {n: p for n, p in named if any(fnmatch.fnmatchcase(n, g) for g in globs)}
         if not chosen:
-            raise ValueError(f"params={self.config.params!r} matches none of the model's {len(named)} parameters; "
+            what = "model's" if model is lens.model else f"{lens.adapter.denoiser}'s (the denoiser's)"
+            raise ValueError(f"params={self.config.params!r} matches none of the {what} {len(named)} parameters; "
                              f"e.g. {[n for n, _ in named[:6]]}")
         return chosen
 
@@ -259,9 +271,10 @@ class TRAK:
         if not hasattr(self, "features_"):
             raise RuntimeError("this TRAK is not fitted: call fit(lens, train_batches, output_fn) or TRAK.load(folder)")
 
-    def _train_side(self) -> Float[Tensor, "train proj_dim"]:
-        """Phi (Phi^T Phi + lambda I)^-1 (float64), times (1 - p_i) per row when weighting."""
-        key = (self.config.damping, self.config.weighting)
+    def _train_side(self, weighting: bool | None = None) -> Float[Tensor, "train proj_dim"]:
+        """Phi (Phi^T Phi + lambda I)^-1 (float64), times (1 - p_i) per row when weighting (default: the config's)."""
+        weighting = self.config.weighting if weighting is None else weighting
+        key = (self.config.damping, weighting)
         if getattr(self, "_kernel", None) is None or self._kernel[0] != key:
             Phi = self.features_.double()
             K = Phi.T @ Phi
@@ -272,7 +285,7 @@ class TRAK:
             except torch.linalg.LinAlgError:
                 raise ValueError(f"Phi^T Phi is singular ({len(Phi)} examples, proj_dim {Phi.shape[1]}): use "
                                  "damping > 0 or a proj_dim no larger than the number of examples") from None
-            if self.config.weighting:
+            if weighting:
                 side = side * (1 - torch.sigmoid(self.outputs_.double()))[:, None]
             self._kernel = (key, side)
         return self._kernel[1]
@@ -302,9 +315,10 @@ class TRAK:
             raise ValueError("target_inputs gave no batch")
         phi = torch.cat([self._features(lens, output_fn, b, params)[0]
                          for b in tqdm(batches, desc="TRAK.attribute", disable=not progress)])
-        scores = (phi.double() @ self._train_side().T).float()
+        weighting = _weighting(cfg, output_fn, "TRAK.attribute")
+        scores = (phi.double() @ self._train_side(weighting).T).float()
         meta = provenance(lens, [], technique="TRAK", params=cfg.params, proj_dim=cfg.proj_dim, seed=cfg.seed,
-                          damping=cfg.damping, weighting=cfg.weighting, output_fn=_fn_name(output_fn),
+                          damping=cfg.damping, weighting=weighting, output_fn=_fn_name(output_fn),
                           n_params=self.n_params_)
         return AttributionResult(meta=meta, scores=scores, method="trak")
 
@@ -328,18 +342,43 @@ class TRAK:
 
 
 # ------------------------------------------------------------------------------------------------- gradients
+def _module(lens) -> nn.Module:
+    """What TRAK differentiates: the lens's model, or a diffusion pipeline's denoiser (`pipe.unet`,
+    `pipe.transformer`, as the adapter names it)."""
+    model = getattr(lens, "model", None)
+    if isinstance(model, nn.Module):
+        return model
+    den = getattr(getattr(lens, "adapter", None), "denoiser", None)
+    module = getattr(model, den, None) if isinstance(den, str) else None
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"TRAK differentiates a torch module, or the denoiser of a diffusion pipeline (Stable "
+                        f"Diffusion UNet, PixArt, SD3); {getattr(lens, 'architecture', lens)!r} wraps a "
+                        f"{type(model).__name__} with neither (other diffusion pipelines are not supported)")
+    return module
+
+
+def _weighting(cfg: TRAKConfig, output_fn, where: str) -> bool:
+    """The config's weighting, off for output functions that declare `weighting = False` (not logit margins)."""
+    if cfg.weighting and getattr(output_fn, "weighting", True) is False:
+        warnings.warn(f"{where}: {_fn_name(output_fn)} is not a logit margin, so TRAK's (1 - sigmoid(f)) weighting "
+                      "does not apply and is skipped; set TRAKConfig(weighting=False) to say so", stacklevel=3)
+        return False
+    return bool(cfg.weighting)
+
+
 def _check_eval(lens, where: str) -> None:
-    if lens.model.training:
+    if _module(lens).training:
         warnings.warn(f"{where}: the model is in training mode (dropout active, outputs random); call "
-                      "lens.model.eval() first", stacklevel=3)
+                      "eval() on it first (lens.model, or a pipeline's denoiser)", stacklevel=3)
 
 
 class _Output(nn.Module):
-    """`output_fn(lens, inputs)` as a module owning `lens.model`, so `functional_call` can swap in parameters."""
+    """`output_fn(lens, inputs)` as a module owning `lens.model` (a pipeline's denoiser), so `functional_call` can
+    swap in parameters."""
 
     def __init__(self, lens, fn):
         super().__init__()
-        self.model = lens.model
+        self.model = _module(lens)
         self._lens, self._fn = lens, fn
 
     def forward(self, inputs: Mapping) -> Tensor:
@@ -471,5 +510,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AttributionResult", "TRAK", "TRAKConfig", "TRAKEnsemble", "contrastive_margin", "generative_margin",
-           "representation_similarity", "representations"]
+__all__ = ["AttributionResult", "TRAK", "TRAKConfig", "TRAKEnsemble", "contrastive_margin", "diffusion_examples",
+           "diffusion_loss", "diffusion_square", "generative_margin", "representation_similarity", "representations"]
