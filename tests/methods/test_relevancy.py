@@ -224,8 +224,6 @@ def test_qwen2_vl_lm_level_map_is_the_token_row_on_the_grid(tiny_lens):
     tm = lens.token_map(inputs)
     torch.testing.assert_close(res.maps[0, 0], tm.to_grid(res.token_relevancy[0, 0], batch=0))
     assert res.images.shape == (1, 32, 32, 3) and res.meta["through_vision"] is False
-    with pytest.raises(ValueError, match="through_vision=True"):
-        relevancy(lens, inputs, "red", through_vision=True, images=[sample_image(0)])
     with pytest.raises(ValueError, match="images="):
         relevancy(lens, inputs, "red")
 

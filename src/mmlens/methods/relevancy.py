@@ -19,7 +19,9 @@ identity term carries each token's own contribution through the residual stream.
 
 Generative VLMs: the LM's relevancy row at the answer position gives a value per sequence position (text tokens:
 `token_relevancy`); its entries at the image tokens (`lens.token_map`) are carried on through the vision tower's own
-relevancy (the same rule on its attention, the same gradient), so the map is over the tower's input patches. BLIP-2:
+relevancy (the same rule on its attention, the same gradient), so the map is over the tower's input patches. Qwen2-VL
+(through_vision=True): each LM image token is the merger MLP of a 2x2 window of tower tokens, which share its
+relevancy equally before the tower's rule runs per image (`merged_through_vision`). BLIP-2:
 its LM image positions are the Q-Former's learned queries, which have no patch cell; the LM row at the queries is
 carried to the vision tokens by the paper's encoder-decoder rules through the Q-Former's self- and cross-attention
 (`_relevancy_blip2`). CLIP / SigLIP: the vision tower's relevancy at CLS (CLIP) or through SigLIP's attention-pooling
@@ -333,15 +335,22 @@ def _single(store: dict, name: str) -> Tensor:
 
 
 @contextlib.contextmanager
-def _recording(lens, names: list[str], grad: bool):
+def _recording(lens, names: list[str], grad: bool, calls: dict | None = None):
     """Attention maps of `names` into a dict (kept in the graph with grad; else float32 CPU copies); with grad the
-    parameters are frozen and the embeddings made leaves, so only activations carry gradients."""
+    parameters are frozen and the embeddings made leaves, so only activations carry gradients. `calls`: also each
+    kernel call's own map of `names`, in the graph (a module running several calls, Qwen2-VL's tower one per image,
+    records their join, which is built after the calls and so is no ancestor of the output: no gradient reaches it)."""
     store: dict[str, list[Tensor]] = {}
 
     def keep(v, ctx):
         store.setdefault(ctx.name, []).append(v if grad else v.detach().float().cpu())
 
+    def keep_call(v, ctx):
+        calls.setdefault(ctx.name, []).append(v)
+
     fns = {e: _leaf for e in _EMBEDS if e in lens.sites} if grad else None
+    if calls is not None:
+        fns = {**(fns or {}), **{n: keep_call for n in names}}
     frozen = _frozen(lens.model) if grad else contextlib.nullcontext()
     with frozen, lens.hooks(fns, captures={n: [keep] for n in names}), torch.set_grad_enabled(grad):
         yield store
@@ -360,6 +369,9 @@ def relevancy(lens, inputs: Mapping[str, Any], target=None, *, method: str = "ch
     `method`: "chefer" (gradient-weighted, one backward per map) or "rollout" (attention only; the target just labels
     the maps). `through_vision` (VLMs): carry the LM's image-token relevancy through the vision tower (default: where
     LM image tokens are the tower's own tokens, LLaVA and PaliGemma; False gives the LM-level map on the token grid).
+    Qwen2-VL takes through_vision=True (default False: its merged tokens are one step removed from the tower's, and
+    the merger's split is an assumption, see `merged_through_vision`); the map is then on the full patch grid
+    (image_grid_thw's h, w), one still image of one size per row.
     BLIP-2 (decoder LMs such as OPT; T5 attention is not hooked): the LM's relevancy at the query positions goes
     through the Q-Former (Chefer's encoder-decoder rules, eq. 6-11) to the vision tokens, and on through the vision
     tower's self-attention unless through_vision=False (then the map is over the tower's output tokens).
@@ -500,15 +512,18 @@ def _generative(lens, inputs: dict, target, method: str, position, through_visio
     tv = lens.architecture in ("llava", "paligemma") if through_vision is None else through_vision
     if not isinstance(tv, bool):
         raise TypeError(f"through_vision must be True, False or None; got {through_vision!r:.40}")
-    if tv and lens.architecture not in ("llava", "paligemma"):
+    if tv and lens.architecture not in ("llava", "paligemma", "qwen2_vl"):
         raise ValueError(f"through_vision=True: {lens.architecture}'s LM image tokens are not the vision tower's own "
-                         "tokens (merged or resampled), so its relevancy cannot be carried through; use False")
+                         "tokens (resampled), so its relevancy cannot be carried through; use False")
     tm, b, seq, pos, targets = generative_setup(lens, inputs, target, position)
     lm_names = lens.hook_points("lm.blocks.*.attn.pattern")
     v_names = lens.hook_points("vision.blocks.*.attn.pattern") if tv else []
     rows = torch.arange(b)
-    ids, scores, atts, factors = target_factors(lens, inputs, lm_names + v_names, pos, targets, method,
-                                                lambda i, a: _rollout(a))
+    if tv and lens.architecture == "qwen2_vl":
+        ids, scores, atts, factors = _per_call_factors(lens, inputs, lm_names, v_names, pos, targets, method)
+    else:
+        ids, scores, atts, factors = target_factors(lens, inputs, lm_names + v_names, pos, targets, method,
+                                                    lambda i, a: _rollout(a))
     n_lm = len(lm_names)
     va = atts[n_lm:]
     tok_rel, maps = [], []
@@ -520,8 +535,11 @@ def _generative(lens, inputs: dict, target, method: str, position, through_visio
         if not tv:
             maps.append(torch.stack([tm.to_grid(v[r], batch=r) for r in range(b)]))
             continue
-        n_v = va[0].shape[-1]
         used = used_vision_blocks(lens, len(va))
+        if lens.architecture == "qwen2_vl":
+            maps.append(merged_through_vision(lens, inputs, tm, v, factors[k][n_lm:n_lm + used], method))
+            continue
+        n_v = va[0].shape[-1]
         u = torch.zeros(b, n_v)
         side = None
         for r in range(b):
@@ -537,6 +555,90 @@ def _generative(lens, inputs: dict, target, method: str, position, through_visio
         maps.append(u[:, off:].reshape(b, side, side))
     return generative_result(lens, inputs, images, lm_names + v_names, method, tv, position, tm, targets, ids, scores,
                              maps, tok_rel)
+
+
+def merged_through_vision(lens, inputs: Mapping, tm, v: Float[Tensor, "batch seq"], mats: Sequence[Tensor],
+                          method: str) -> Float[Tensor, "batch rows cols"]:
+    """Qwen2-VL: the LM's relevancy `v` at the image tokens, carried through the vision tower onto the full patch grid.
+
+    LM image token (R, C) is the patch merger's MLP of the merge x merge window of tower tokens under it. The MLP mixes
+    the window's tokens by learned weights and has no attention to read shares from, so each window token gets an
+    equal 1/merge**2 share: the total relevancy is conserved and no patch of the window is favoured without evidence.
+    Then the tower's own rule (`mats`: one (images, n, n) factor per block; the tower attends within each image only,
+    cu_seqlens, so the hook records one block per image, zero-padded to the largest) runs over that image's tower
+    tokens, which come in merge-window order (`store.layout.merge_window_grid`) and are put back on the raster
+    (h, w) patch grid of `image_grid_thw`."""
+    from ..store.layout import merge_window_grid
+
+    thw = inputs.get("image_grid_thw")
+    if not isinstance(thw, Tensor):
+        raise ValueError("through_vision=True for Qwen2-VL needs image_grid_thw in the inputs (the patch grid)")
+    thw = thw.long().cpu()
+    m = int(lens.model.config.vision_config.spatial_merge_size)
+    b = v.shape[0]
+    if thw.shape[0] != b or (thw[:, 0] != 1).any():
+        raise ValueError(f"through_vision=True for Qwen2-VL needs one still image (t = 1) per batch row; "
+                         f"image_grid_thw is {thw.tolist()} for {b} rows (video frames are not supported)")
+    if len(set(map(tuple, thw[:, 1:].tolist()))) != 1:
+        raise ValueError(f"through_vision=True for Qwen2-VL: the images' patch grids {thw[:, 1:].tolist()} differ; "
+                         "maps are stacked over the batch, so give images of one size (or one per call)")
+    _, h, w = thw[0].tolist()
+    n = h * w
+    if mats and (mats[0].shape[0] != b or mats[0].shape[-1] < n):
+        raise ValueError(f"the vision tower's recorded attention has shape {tuple(mats[0].shape)}; relevancy needs "
+                         f"one ({b} images, {n}, {n}) block per image (a varlen flash kernel gives one map over all "
+                         "images: load the model with attn_implementation='sdpa' or 'eager')")
+    rc = merge_window_grid(1, h, w, m)  # (n, 2): each tower token's (row, col) on the patch grid
+    out = torch.zeros(b, h, w)
+    for r in range(b):
+        p = tm.positions("image", batch=r)
+        rr, cc = tm.row[r, p], tm.col[r, p]
+        if p.numel() != n // m**2 or (rr < 0).any():
+            raise ValueError(f"row {r} has {p.numel()} LM image tokens; a {h}x{w} patch grid merged {m}x{m} gives "
+                             f"{n // m**2}")
+        merged = torch.zeros(h // m, w // m).index_put_((rr, cc), v[r, p].float(), accumulate=True)
+        u = merged[rc[:, 0] // m, rc[:, 1] // m] / m**2  # equal split over each window's tower tokens
+        u = _propagate(u[None], [x[r:r + 1, :n, :n] for x in mats], method)[0]
+        out[r, rc[:, 0], rc[:, 1]] = u
+    return out
+
+
+def _per_call_factors(lens, inputs, lm_names: list[str], v_names: list[str], pos: Tensor, targets, method: str):
+    """`target_factors` for a tower whose attention runs one kernel call per image (Qwen2-VL, cu_seqlens): Chefer's
+    gradients are taken at each call's own map (`_recording(calls=...)`), the factors joined per block afterwards,
+    (images, n, n) zero-padded to the largest image, as the hooks join the maps themselves."""
+    if method != "chefer":
+        return target_factors(lens, inputs, lm_names + v_names, pos, targets, method, lambda i, a: _rollout(a))
+    rows = torch.arange(len(pos))
+    calls: dict[str, list[Tensor]] = {}
+    with _recording(lens, lm_names + v_names, True, calls) as store:
+        out = lens.model(**lens.prepare(inputs, where="relevancy"))
+        logits = out.logits[rows.to(out.logits.device), pos.to(out.logits.device)]  # (b, vocab)
+        pred = logits.detach().argmax(-1).cpu()
+        ids = [pred if t.predicted else t.ids for t in targets]
+        scores = torch.stack([logits[rows.to(logits.device), i.to(logits.device)] for i in ids], 1)
+        la = [_single(store, nm) for nm in lm_names]
+        va = [calls.get(nm, []) for nm in v_names]
+        flat = [a for per_block in va for a in per_block]
+        factors = []
+        for k in range(len(targets)):
+            gs = torch.autograd.grad(scores[:, k].sum(), la + flat, retain_graph=k < len(targets) - 1,
+                                     allow_unused=True)
+            f = [_chefer(a, g) for a, g in zip(la + flat, gs)]
+            joined, i = [], len(la)
+            for per_block in va:
+                joined.append(_join(f[i:i + len(per_block)]))
+                i += len(per_block)
+            factors.append(f[:len(la)] + joined)
+    return ids, scores, la + [_join([a.detach().float().cpu() for a in c]) for c in va], factors
+
+
+def _join(parts: list[Tensor]) -> Tensor:
+    """Per-call maps (1, ..., q, k) -> (calls, ..., q_max, k_max), zero-padded (as `hooks.attention.flush` joins)."""
+    if not parts:
+        raise ValueError("a vision attention block ran no attention call in the forward")
+    nq, nk = max(p.shape[-2] for p in parts), max(p.shape[-1] for p in parts)
+    return torch.cat([F.pad(p, (0, nk - p.shape[-1], 0, nq - p.shape[-2])) for p in parts])
 
 
 def target_factors(lens, inputs, names: list[str], pos: Tensor, targets, method: str, rollout_factor):
