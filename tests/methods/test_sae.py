@@ -18,13 +18,7 @@ from mmlens.methods._sae_fit import explained_variance, losses
 from mmlens.methods.sae import SAE, SAEConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small shapes on a shared 2-core host: a second OpenMP thread only waits for the busy core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dictionary_data(d=32, atoms=64, k=3, seed=0):

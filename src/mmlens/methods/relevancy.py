@@ -519,11 +519,9 @@ def _generative(lens, inputs: dict, target, method: str, position, through_visio
     lm_names = lens.hook_points("lm.blocks.*.attn.pattern")
     v_names = lens.hook_points("vision.blocks.*.attn.pattern") if tv else []
     rows = torch.arange(b)
-    if tv and lens.architecture == "qwen2_vl":
-        ids, scores, atts, factors = _per_call_factors(lens, inputs, lm_names, v_names, pos, targets, method)
-    else:
-        ids, scores, atts, factors = target_factors(lens, inputs, lm_names + v_names, pos, targets, method,
-                                                    lambda i, a: _rollout(a))
+    ids, scores, atts, factors = target_factors(lens, inputs, lm_names + v_names, pos, targets, method,
+                                                lambda i, a: _rollout(a),
+                                                per_call=v_names if lens.architecture == "qwen2_vl" else ())
     n_lm = len(lm_names)
     va = atts[n_lm:]
     tok_rel, maps = [], []
@@ -603,36 +601,6 @@ def merged_through_vision(lens, inputs: Mapping, tm, v: Float[Tensor, "batch seq
     return out
 
 
-def _per_call_factors(lens, inputs, lm_names: list[str], v_names: list[str], pos: Tensor, targets, method: str):
-    """`target_factors` for a tower whose attention runs one kernel call per image (Qwen2-VL, cu_seqlens): Chefer's
-    gradients are taken at each call's own map (`_recording(calls=...)`), the factors joined per block afterwards,
-    (images, n, n) zero-padded to the largest image, as the hooks join the maps themselves."""
-    if method != "chefer":
-        return target_factors(lens, inputs, lm_names + v_names, pos, targets, method, lambda i, a: _rollout(a))
-    rows = torch.arange(len(pos))
-    calls: dict[str, list[Tensor]] = {}
-    with _recording(lens, lm_names + v_names, True, calls) as store:
-        out = lens.model(**lens.prepare(inputs, where="relevancy"))
-        logits = out.logits[rows.to(out.logits.device), pos.to(out.logits.device)]  # (b, vocab)
-        pred = logits.detach().argmax(-1).cpu()
-        ids = [pred if t.predicted else t.ids for t in targets]
-        scores = torch.stack([logits[rows.to(logits.device), i.to(logits.device)] for i in ids], 1)
-        la = [_single(store, nm) for nm in lm_names]
-        va = [calls.get(nm, []) for nm in v_names]
-        flat = [a for per_block in va for a in per_block]
-        factors = []
-        for k in range(len(targets)):
-            gs = torch.autograd.grad(scores[:, k].sum(), la + flat, retain_graph=k < len(targets) - 1,
-                                     allow_unused=True)
-            f = [_chefer(a, g) for a, g in zip(la + flat, gs)]
-            joined, i = [], len(la)
-            for per_block in va:
-                joined.append(_join(f[i:i + len(per_block)]))
-                i += len(per_block)
-            factors.append(f[:len(la)] + joined)
-    return ids, scores, la + [_join([a.detach().float().cpu() for a in c]) for c in va], factors
-
-
 def _join(parts: list[Tensor]) -> Tensor:
     """Per-call maps (1, ..., q, k) -> (calls, ..., q_max, k_max), zero-padded (as `hooks.attention.flush` joins)."""
     if not parts:
@@ -641,29 +609,43 @@ def _join(parts: list[Tensor]) -> Tensor:
     return torch.cat([F.pad(p, (0, nk - p.shape[-1], 0, nq - p.shape[-2])) for p in parts])
 
 
-def target_factors(lens, inputs, names: list[str], pos: Tensor, targets, method: str, rollout_factor):
+def target_factors(lens, inputs, names: list[str], pos: Tensor, targets, method: str, rollout_factor,
+                   per_call: Sequence[str] = ()):
     """One forward with the attention maps at `names` recorded: the target ids and logits (batch, targets), the maps,
     and per target each map's factor: Chefer's gradient-weighted map (one backward per target) or, for rollout,
-    `rollout_factor(index, map)` (the same for every target)."""
+    `rollout_factor(index, map)` (the same for every target).
+
+    `per_call`: names whose module runs one kernel call per image (Qwen2-VL's tower, cu_seqlens). The hooks join those
+    calls' maps after the fact, so no gradient reaches the joined map: Chefer's gradients are taken at each call's
+    own map and the factors joined per block afterwards, (images, n, n) zero-padded as the hooks join the maps."""
     grad = method == "chefer"
+    split = set(per_call) if grad else set()
     rows = torch.arange(len(pos))
-    with _recording(lens, names, grad) as store:
+    calls: dict[str, list[Tensor]] = {}
+    with _recording(lens, names, grad, calls if split else None) as store:
         out = lens.model(**lens.prepare(inputs, where="relevancy"))
         logits = out.logits[rows.to(out.logits.device), pos.to(out.logits.device)]  # (b, vocab)
         pred = logits.detach().argmax(-1).cpu()
         ids = [pred if t.predicted else t.ids for t in targets]
         scores = torch.stack([logits[rows.to(logits.device), i.to(logits.device)] for i in ids], 1)
-        atts = [_single(store, nm) for nm in names]
+        groups = [calls.get(nm, []) if nm in split else [_single(store, nm)] for nm in names]
+        flat = [a for g in groups for a in g]
         factors = []
         for k in range(len(targets)):
             if grad:
-                gs = torch.autograd.grad(scores[:, k].sum(), atts, retain_graph=k < len(targets) - 1,
+                gs = torch.autograd.grad(scores[:, k].sum(), flat, retain_graph=k < len(targets) - 1,
                                          allow_unused=True)
-                factors.append([_chefer(a, g) for a, g in zip(atts, gs)])
+                f, i = [_chefer(a, g) for a, g in zip(flat, gs)], 0
+                joined = []
+                for nm, g in zip(names, groups):
+                    joined.append(_join(f[i:i + len(g)]) if nm in split else f[i])
+                    i += len(g)
+                factors.append(joined)
             elif k == 0:
-                factors.append([rollout_factor(i, a) for i, a in enumerate(atts)])
+                factors.append([rollout_factor(i, g[0]) for i, g in enumerate(groups)])
             else:
                 factors.append(factors[0])
+    atts = [_join([a.detach().float().cpu() for a in g]) if nm in split else g[0] for nm, g in zip(names, groups)]
     return ids, scores, atts, factors
 
 
