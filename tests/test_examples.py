@@ -150,6 +150,16 @@ def test_data_attribution_example(capsys):
 
 
 @pytest.mark.skipif("diffusion" not in available(), reason="needs the shipped diffusion organism")
+def test_diffusion_attribution_example(capsys):
+    """D-TRAK on the diffusion organism: training images rank themselves first; a generated image's top training
+    examples carry its prompt well above chance."""
+    result = runpy.run_path(str(EXAMPLES / "diffusion_attribution.py"))["main"]()
+    assert result["self_top1"] >= 5 / 6
+    assert result["same_caption"] > 3 * result["chance"]
+    assert "rank themselves first" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("diffusion" not in available(), reason="needs the shipped diffusion organism")
 def test_word_maps_example(capsys):
     """Maps for every prompt and site; the shape word's map overlaps the judged object at least as well as marking
     the whole image (chance), and the segmentation labels each pixel with a prompt word or background."""
