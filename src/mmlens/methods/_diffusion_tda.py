@@ -22,9 +22,10 @@ Output functions, both (batch,), the mean over the example's K draws:
 Neither is a logit margin, so TRAK's weighting (1 - sigmoid(f)) is meaningless for them: they declare
 `weighting = False` and TRAK skips the weighting for them (with a warning if the config asks for it).
 
-Pipelines: Stable Diffusion 1/2 UNets (`pipe.unet`), PixArt and SD3 (`pipe.transformer`). The noising is the
-scheduler's `add_noise` (x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps; computed from `alphas_cumprod` so that
-`torch.func.vmap` can batch it); SD3 is rectified flow, x_t = (1 - s) x_0 + s eps with s = t / num_train_timesteps.
+Pipelines: Stable Diffusion 1/2 UNets (`pipe.unet`), PixArt and SD3 (`pipe.transformer`). The forward is
+`_denoising.Denoising`, the one `sae_metrics`' denoising loss runs: the scheduler's `add_noise` (x_t = sqrt(a_t) x_0 +
+sqrt(1 - a_t) eps, computed from `alphas_cumprod` so that `torch.func.vmap` can batch it); SD3 is rectified flow,
+x_t = (1 - s) x_0 + s eps with s = t / num_train_timesteps.
 PixArt's extra `encoder_attention_mask` and SD3's `pooled_projections` travel in the examples dict as further
 per-example keys.
 """
@@ -38,25 +39,23 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ._denoising import Denoising
+
 SUPPORTED = ("sd_unet", "pixart", "sd3")
 BASE_KEYS = ("latents", "encoder_hidden_states", "timesteps", "noise")
 EXTRA_KEYS = ("encoder_attention_mask", "pooled_projections")
 
 
-def _check_pipeline(lens, where: str) -> None:
+def _check_pipeline(lens, where: str) -> Denoising:
+    """The pipeline's `Denoising` (the forward both output functions run); anything else is a TypeError."""
     arch = getattr(lens, "architecture", None)
     if getattr(lens, "family", None) != "diffusion" or arch not in SUPPORTED:
         raise TypeError(f"{where} applies to diffusion pipelines ({', '.join(SUPPORTED)}: Stable Diffusion UNet, "
                         f"PixArt, SD3); got {arch!r}")
-    if arch == "sd_unet" and getattr(lens.model.unet.config, "addition_embed_type", None):
-        raise TypeError(f"{where}: this UNet takes added conditioning (SDXL-style time ids and pooled text); "
-                        "supported: Stable Diffusion 1/2 UNets, PixArt, SD3")
-    if arch != "sd3":
-        pred = lens.model.scheduler.config.prediction_type
-        if pred not in ("epsilon", "v_prediction", "sample") or not hasattr(lens.model.scheduler, "alphas_cumprod"):
-            raise TypeError(f"{where}: the scheduler {type(lens.model.scheduler).__name__} predicts {pred!r}; "
-                            "supported: DDPM-style schedulers (alphas_cumprod) predicting epsilon, v_prediction "
-                            "or sample")
+    try:
+        return Denoising(lens)
+    except ValueError as err:  # an SDXL-style UNet, a scheduler predicting something else
+        raise TypeError(f"{where}: {err}") from err
 
 
 def _images(images, size: int) -> Float[Tensor, "n 3 h w"]:
@@ -77,24 +76,6 @@ def _images(images, size: int) -> Float[Tensor, "n 3 h w"]:
     return x.permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def _resolution(pipe, arch: str) -> int:
-    den = pipe.unet if arch == "sd_unet" else pipe.transformer
-    return int(den.config.sample_size) * int(pipe.vae_scale_factor)
-
-
-@torch.no_grad()
-def _encode_prompts(lens, prompts: list[str]) -> dict[str, Tensor]:
-    pipe, dev = lens.model, lens.device
-    if lens.architecture == "sd3":
-        emb, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=dev, do_classifier_free_guidance=False)
-        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-    if lens.architecture == "pixart":
-        emb, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=dev)
-        return {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
-    emb, _ = pipe.encode_prompt(prompts, dev, 1, False)
-    return {"encoder_hidden_states": emb}
-
-
 @torch.no_grad()
 def diffusion_examples(lens, images, prompts: Sequence[str], *, timesteps: int = 8, seed: int = 0, start: int = 0,
                        batch_size: int = 16) -> dict[str, Tensor]:
@@ -105,7 +86,7 @@ def diffusion_examples(lens, images, prompts: Sequence[str], *, timesteps: int =
     training range and `noise` (n, K, C, h, w). Example i's draws come from a generator seeded by (`seed`,
     `start` + i): pass `start` when encoding a slice of a larger set to get the draws the whole set would give.
     `images`: (n, H, W, 3) uint8 array/tensor or PIL images at the pipeline's resolution."""
-    _check_pipeline(lens, "diffusion_examples")
+    den = _check_pipeline(lens, "diffusion_examples")
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a list of strings, one per image")
     for name, v, low in (("timesteps", timesteps, 1), ("seed", seed, 0), ("start", start, 0),
@@ -113,7 +94,7 @@ def diffusion_examples(lens, images, prompts: Sequence[str], *, timesteps: int =
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
     pipe = lens.model
-    x = _images(images, _resolution(pipe, lens.architecture))
+    x = _images(images, den.resolution())
     if len(x) != len(prompts):
         raise ValueError(f"got {len(x)} images and {len(prompts)} prompts; give one prompt per image")
     if len(x) == 0:
@@ -126,7 +107,7 @@ def diffusion_examples(lens, images, prompts: Sequence[str], *, timesteps: int =
         chunk = x[s:s + batch_size].to(dev, vae.dtype)
         lat = (vae.encode(chunk).latent_dist.mean.float() - shift) * scale
         rows = {"latents": lat.cpu(), **{k: v.float().cpu() for k, v in
-                                         _encode_prompts(lens, list(prompts[s:s + batch_size])).items()}}
+                                         den.encode(list(prompts[s:s + batch_size])).items()}}
         ts, ns = [], []
         for i in range(len(chunk)):
             g = torch.Generator().manual_seed(seed * 1_000_003 + start + s + i)
@@ -160,45 +141,16 @@ def _check_examples(lens, inputs: Mapping, where: str) -> None:
 
 def denoise(lens, inputs: Mapping) -> tuple[Float[Tensor, "n k c h w"], Float[Tensor, "n k c h w"]]:
     """(prediction, training target) of the denoiser for every example's K draws, in one batched forward (each
-    example repeated K times). Float32."""
-    pipe, arch = lens.model, lens.architecture
-    net = pipe.unet if arch == "sd_unet" else pipe.transformer
-    dev, dt = lens.device, net.dtype
-    x0 = inputs["latents"].to(dev, torch.float32)
-    t = inputs["timesteps"].to(dev).long()
-    eps = inputs["noise"].to(dev, torch.float32)
+    example repeated K times, example-major like the draws). Float32."""
+    x0, t, eps = inputs["latents"], inputs["timesteps"], inputs["noise"]
     n, k = t.shape
-    x0k = x0[:, None].expand(n, k, *x0.shape[1:])
 
-    def rep(v: Tensor) -> Tensor:  # (n, ...) -> (n * k, ...), example-major like the draws
-        return v.to(dev)[:, None].expand(n, k, *v.shape[1:]).reshape(n * k, *v.shape[1:])
+    def rep(v: Tensor) -> Tensor:  # (n, ...) -> (n * k, ...)
+        return v[:, None].expand(n, k, *v.shape[1:]).reshape(n * k, *v.shape[1:])
 
-    n_train = int(pipe.scheduler.config.num_train_timesteps)
-    if arch == "sd3":
-        s = (t.float() / n_train).view(n, k, *[1] * (x0.dim() - 1))
-        xt, target = (1 - s) * x0k + s * eps, eps - x0k
-    else:
-        a = pipe.scheduler.alphas_cumprod.to(dev, torch.float32)[t].view(n, k, *[1] * (x0.dim() - 1))
-        xt = a.sqrt() * x0k + (1 - a).sqrt() * eps
-        pred_type = pipe.scheduler.config.prediction_type
-        target = {"epsilon": eps, "sample": x0k, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0k}[pred_type]
-    xt = xt.reshape(n * k, *x0.shape[1:]).to(dt)
-    tt = t.reshape(n * k)
-    emb = rep(inputs["encoder_hidden_states"]).to(dt)
-    if arch == "sd3":
-        out = net(hidden_states=xt, timestep=tt.to(dt), encoder_hidden_states=emb,
-                  pooled_projections=rep(inputs["pooled_projections"]).to(dt), return_dict=False)[0]
-    elif arch == "pixart":
-        if net.config.sample_size == 128:
-            raise TypeError("diffusion TDA: PixArt-alpha 1024 (size-conditioned) is not supported; supported: "
-                            "PixArt without size conditioning, Stable Diffusion 1/2 UNets, SD3")
-        out = net(xt, encoder_hidden_states=emb, encoder_attention_mask=rep(inputs["encoder_attention_mask"]),
-                  timestep=tt, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        if out.shape[1] == 2 * x0.shape[1]:  # learned variance: the prediction is the first half
-            out = out[:, : x0.shape[1]]
-    else:
-        out = net(xt, tt, encoder_hidden_states=emb, return_dict=False)[0]
-    return out.float().reshape(n, k, *x0.shape[1:]), target
+    cond = {key: rep(inputs[key]) for key in ("encoder_hidden_states", *EXTRA_KEYS) if key in inputs}
+    pred, target = Denoising(lens).predict(rep(x0), eps.reshape(n * k, *x0.shape[1:]), t.reshape(n * k), cond)
+    return pred.float().reshape(n, k, *x0.shape[1:]), target.reshape(n, k, *x0.shape[1:])
 
 
 class _DiffusionOutput:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..hooks.steps import branch_rows
+from ._denoising import Denoising
 from .maps import MapResult, images_uint8, normalise, upsample
 from .result import provenance, require_family
 
@@ -187,7 +188,7 @@ def word_maps(lens, prompt: str | Sequence[str], words: Sequence[str] | None = N
         raise ValueError(f"words {missing} are in no prompt's tokens; the prompts' words: "
                          f"{sorted({w for p in prompts for w in _prompt_words(p)})}")
 
-    height = generate_kwargs.get("height") or _default_size(lens)
+    height = generate_kwargs.get("height") or Denoising(lens).resolution()
     width = generate_kwargs.get("width") or height
     head_idx = [int(h) for h in heads] if heads is not None else None
     sums: dict[tuple[int, int], Tensor] = {}  # grid -> (prompts, text_tokens, h, w)
@@ -257,14 +258,6 @@ def _image_tokens(lens, height: int, width: int) -> int:
     pipe = lens.model
     f = getattr(pipe, "vae_scale_factor", 8) * pipe.transformer.config.patch_size
     return (height // f) * (width // f)
-
-
-def _default_size(lens) -> int:
-    pipe = lens.model
-    den = getattr(pipe, lens.adapter.denoiser)
-    sample = den.config.sample_size
-    sample = sample[0] if isinstance(sample, (tuple, list)) else sample
-    return int(sample * getattr(pipe, "vae_scale_factor", 8))
 
 
 def _img2img(lens):
