@@ -508,9 +508,13 @@ def flush(handler: PatternHandler) -> torch.Tensor | None:
     parts, handler.pending = handler.pending, []
     if not parts:
         return None
+    return join_calls(parts)
+
+
+def join_calls(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-call maps (calls_i, ..., q_i, k_i) -> one map along dim 0, each zero-padded to the largest q and k."""
     if len(parts) == 1:
         return parts[0]
     nq = max(p.shape[-2] for p in parts)
     nk = max(p.shape[-1] for p in parts)
-    parts = [F.pad(p, (0, nk - p.shape[-1], 0, nq - p.shape[-2])) for p in parts]
-    return torch.cat(parts, dim=0)
+    return torch.cat([F.pad(p, (0, nk - p.shape[-1], 0, nq - p.shape[-2])) for p in parts], dim=0)

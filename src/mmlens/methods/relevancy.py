@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from ..hooks.attention import join_calls
 from ._grad import frozen as _frozen, leaf as _leaf
 from .maps import MapResult, images_uint8
 from .result import provenance, require_family, token_id
@@ -602,11 +603,10 @@ def merged_through_vision(lens, inputs: Mapping, tm, v: Float[Tensor, "batch seq
 
 
 def _join(parts: list[Tensor]) -> Tensor:
-    """Per-call maps (1, ..., q, k) -> (calls, ..., q_max, k_max), zero-padded (as `hooks.attention.flush` joins)."""
+    """Per-call maps joined as the hooks join them (`hooks.attention.join_calls`)."""
     if not parts:
         raise ValueError("a vision attention block ran no attention call in the forward")
-    nq, nk = max(p.shape[-2] for p in parts), max(p.shape[-1] for p in parts)
-    return torch.cat([F.pad(p, (0, nk - p.shape[-1], 0, nq - p.shape[-2])) for p in parts])
+    return join_calls(parts)
 
 
 def target_factors(lens, inputs, names: list[str], pos: Tensor, targets, method: str, rollout_factor,

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from .direct_effects import DirectEffectsResult, direct_effects, split_pooling_mlp
+from .direct_effects import HEAD_MLP_SPLITS, DirectEffectsResult, direct_effects, split_pooling_mlp
 from .maps import MapResult, grid_of, images_uint8
 from .result import Result, provenance, require_family
 
@@ -359,7 +359,7 @@ def textspan(lens, images_or_inputs, texts=None, *, heads="last", k: int = 5, te
                           share=torch.tensor(share))
 
 
-SIGLIP_HEAD_MLP = ("integrated", "linearised", "none")
+SIGLIP_HEAD_MLP = (*HEAD_MLP_SPLITS, "none")
 
 
 @torch.no_grad()

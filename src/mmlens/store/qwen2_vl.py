@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..hooks.tokens import grid_positions
 from .layout import flat_meta, merge_window_grid
 from .schema import MODALITIES
 from .sites import Acts, Meta
@@ -24,8 +25,7 @@ def qwen2_vl_tower(lens, names: list[str], values: dict[str, Tensor], grid_thw, 
     grids = []
     for t, h, w in thw:
         if merged:
-            k = torch.arange((h // m) * (w // m))
-            grids.append(torch.stack([k // (w // m), k % (w // m)], 1).repeat(t, 1))
+            grids.append(grid_positions((h // m) * (w // m), h // m, w // m).repeat(t, 1))
         else:
             grids.append(merge_window_grid(t, h, w, m))
     counts = [len(g) for g in grids]

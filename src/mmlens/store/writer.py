@@ -157,15 +157,13 @@ class ShardSink:
     lists, besides the shards, `batches`: [local_end, content digest] of every batch the shards cover (batches
     without tokens included), when `add` is given digests."""
 
-    def __init__(self, folder: Path, state: dict, dtype: torch.dtype, shard_tokens: int, lens=None, *,
+    def __init__(self, folder: Path, state: dict, dtype: torch.dtype, shard_tokens: int, *,
                  tokenizer=None):
         self.folder, self.state, self.dtype, self.shard_tokens = folder, state, dtype, shard_tokens
         self.pending: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
         self.pending_batches: list[list] = []
         self.n_pending = 0
         self.local_end = state["items_done"]
-        if tokenizer is None and lens is not None:
-            tokenizer = getattr(lens.processor, "tokenizer", lens.processor)
         self.tokenizer = tokenizer
         self.tokens = sum(s["tokens"] for s in state["shards"])
 
