@@ -453,7 +453,7 @@ def _activations(lens, images, resolved, batch_size, hooks, progress, desc, also
         for n in resolved:
             v = got[n].float()
             if thw is not None:  # (b*h*w, units) in merge-window order -> (b, h*w, units) in raster order
-                v = _raster_order(v, thw, proc.merge_size, b)
+                v = _raster_order(v, thw, int(lens.model.config.vision_config.spatial_merge_size), b)
             if v.shape[0] != b or v.dim() not in (2, 3) or (grids and v.dim() != 3):
                 want = "(batch, seq, units)" if grids else "(batch, seq, units) or (batch, units)"
                 raise ValueError(f"{n} has shape {tuple(v.shape)} for {b} images; units need {want}")

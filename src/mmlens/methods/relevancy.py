@@ -595,7 +595,7 @@ def merged_through_vision(lens, inputs: Mapping, tm, v: Float[Tensor, "batch seq
         if p.numel() != n // m**2 or (rr < 0).any():
             raise ValueError(f"row {r} has {p.numel()} LM image tokens; a {h}x{w} patch grid merged {m}x{m} gives "
                              f"{n // m**2}")
-        merged = torch.zeros(h // m, w // m).index_put_((rr, cc), v[r, p].float(), accumulate=True)
+        merged = tm.to_grid(v[r].float(), batch=r)  # (h/m, w/m): the LM's image tokens on the merged grid
         u = merged[rc[:, 0] // m, rc[:, 1] // m] / m**2  # equal split over each window's tower tokens
         u = _propagate(u[None], [x[r:r + 1, :n, :n] for x in mats], method)[0]
         out[r, rc[:, 0], rc[:, 1]] = u
