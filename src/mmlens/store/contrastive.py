@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from .inputs import Batch, as_image
-from .layout import as_tokens, flat_meta, image_tower_meta
-from .schema import MODALITIES
+from .layout import as_tokens, image_tower_meta, pooled_meta, text_meta
 from .sites import Acts, Meta, attention_keep, once, pack, same_layout, special_ids, tokenizer, tower_of
 
 
@@ -38,16 +37,13 @@ def contrastive(lens, names: list[str], batch: Batch) -> tuple[Acts, Meta]:
         keep = torch.ones(R, S, dtype=torch.bool)
         return pack(names, toks, keep), image_tower_meta(keep, S, t.kind, ex)
     if t.kind == "pooled":
-        keep = torch.ones(R, 1, dtype=torch.bool)
-        meta = flat_meta(keep, example__r=ex, modality=MODALITIES.index("special"), position=-1)
+        keep, meta = pooled_meta(ex)
         return pack(names, toks, keep), meta
     ids = inputs["input_ids"].cpu()
     if ids.shape != (R, S):
         raise ValueError(f"{names[0]} has {S} tokens per row but input_ids are {tuple(ids.shape)}")
     keep = attention_keep(inputs, ids)
-    mod = torch.where(torch.isin(ids, special_ids(lens)), MODALITIES.index("special"), MODALITIES.index("text"))
-    meta = flat_meta(keep, example__r=ex, modality=mod, position__s=torch.arange(S), token=ids)
-    return pack(names, toks, keep), meta
+    return pack(names, toks, keep), text_meta(keep, ex, ids, special_ids(lens))
 
 
 def _contrastive_inputs(lens, batch: Batch, tower: str) -> dict:

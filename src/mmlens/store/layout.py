@@ -88,6 +88,19 @@ def flat_meta(keep: Tensor, **cols) -> dict[str, Tensor]:
     return out
 
 
+def pooled_meta(examples: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """One pooled vector per row (a text tower's or encoder's pooled output): (keep, meta), a 'special' token."""
+    keep = torch.ones(len(examples), 1, dtype=torch.bool)
+    return keep, flat_meta(keep, example__r=examples, modality=MODALITIES.index("special"), position=-1)
+
+
+def text_meta(keep: Tensor, examples: Tensor, ids: Tensor, specials: Tensor) -> dict[str, Tensor]:
+    """Metadata of text tokens (rows, seq) under `keep`: 'special' for the tokenizer's special ids, else 'text';
+    position along the sequence and token id."""
+    mod = torch.where(torch.isin(ids, specials.to(ids.dtype)), MODALITIES.index("special"), MODALITIES.index("text"))
+    return flat_meta(keep, example__r=examples, modality=mod, position__s=torch.arange(ids.shape[1]), token=ids)
+
+
 def image_tower_meta(keep: Tensor, seq: int, kind: str, example: Tensor, image: Tensor | int = 0) -> dict:
     """Tokens of an image tower (or projector) on a square patch grid: a leading CLS is 'special', patches are
     'image' with their (row, col); pooled vectors are one 'special' token at position -1."""

@@ -89,7 +89,12 @@ def store_tokenizer(lens, names: list[str]):
 
 
 def special_ids(lens) -> Tensor:
-    return torch.tensor(sorted(getattr(tokenizer(lens), "all_special_ids", None) or []), dtype=torch.int64)
+    return tokenizer_special_ids(tokenizer(lens))
+
+
+def tokenizer_special_ids(tok) -> Tensor:
+    """A tokenizer's special token ids (BOS, EOS, padding, ...), int64; none for a tokenizer that lists none."""
+    return torch.tensor(sorted(getattr(tok, "all_special_ids", None) or []), dtype=torch.int64)
 
 
 def same_layout(acts: dict[str, Tokens], names: list[str]) -> None:

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from .inputs import Batch
-from .layout import as_tokens, flat_meta
-from .schema import MODALITIES
-from .sites import Acts, Meta, component, once, pack, same_layout, store_tokenizer
+from .layout import as_tokens, pooled_meta, text_meta
+from .sites import (Acts, Meta, attention_keep, component, once, pack, same_layout, store_tokenizer,
+                    tokenizer_special_ids)
 
 _SET_HERE = {"prompt", "device", "num_images_per_prompt", "do_classifier_free_guidance", "kwargs"}
 
@@ -67,13 +67,10 @@ def text_encoder(lens, names: list[str], batch: Batch, *, dtype: torch.dtype | N
     if R != len(ex):
         raise ValueError(f"{names[0]} gave {R} rows for {len(ex)} prompts")
     if t.kind == "pooled":
-        keep = torch.ones(R, 1, dtype=torch.bool)
-        meta = flat_meta(keep, example__r=ex, modality=MODALITIES.index("special"), position=-1)
+        keep, meta = pooled_meta(ex)
     elif t.kind == "seq" and tuple(ids.shape) == (R, S):
         keep = real_tokens(ids, mask, getattr(tok, "eos_token_id", None))
-        special = torch.tensor(sorted(getattr(tok, "all_special_ids", None) or []), dtype=ids.dtype)
-        mod = torch.where(torch.isin(ids, special), MODALITIES.index("special"), MODALITIES.index("text"))
-        meta = flat_meta(keep, example__r=ex, modality=mod, position__s=torch.arange(S), token=ids)
+        meta = text_meta(keep, ex, ids, tokenizer_special_ids(tok))
     else:
         raise ValueError(f"{names[0]} gives {t.kind} values of shape {tuple(t.x.shape)}, which match neither the "
                          f"{tuple(ids.shape)} input_ids the encoder ran on nor one vector per prompt")
@@ -85,7 +82,7 @@ def real_tokens(ids: Tensor, mask: Tensor | None, eos: int | None) -> Tensor:
     """(rows, seq) bool: the encoder's attention mask where it got one, else every position up to and including
     each row's first `eos` (the whole row where there is none)."""
     if isinstance(mask, Tensor) and mask.shape == ids.shape:
-        return mask.bool()
+        return attention_keep({"attention_mask": mask}, ids)
     L = ids.shape[1]
     if eos is None:
         return torch.ones(ids.shape, dtype=torch.bool)
