@@ -336,11 +336,12 @@ def _single(store: dict, name: str) -> Tensor:
 
 
 @contextlib.contextmanager
-def _recording(lens, names: list[str], grad: bool, calls: dict | None = None):
+def _recording(lens, names: list[str], grad: bool, calls: dict | None = None, split: Sequence[str] = ()):
     """Attention maps of `names` into a dict (kept in the graph with grad; else float32 CPU copies); with grad the
-    parameters are frozen and the embeddings made leaves, so only activations carry gradients. `calls`: also each
-    kernel call's own map of `names`, in the graph (a module running several calls, Qwen2-VL's tower one per image,
-    records their join, which is built after the calls and so is no ancestor of the output: no gradient reaches it)."""
+    parameters are frozen and the embeddings made leaves, so only activations carry gradients. `split` (with
+    `calls`): names recorded instead as each kernel call's own map, into `calls`, in the graph (a module running
+    several calls, Qwen2-VL's tower one per image, records their join, which is built after the calls and so is no
+    ancestor of the output: no gradient reaches it)."""
     store: dict[str, list[Tensor]] = {}
 
     def keep(v, ctx):
@@ -349,11 +350,12 @@ def _recording(lens, names: list[str], grad: bool, calls: dict | None = None):
     def keep_call(v, ctx):
         calls.setdefault(ctx.name, []).append(v)
 
+    split = set(split) if calls is not None else set()
     fns = {e: _leaf for e in _EMBEDS if e in lens.sites} if grad else None
-    if calls is not None:
-        fns = {**(fns or {}), **{n: keep_call for n in names}}
+    if split:
+        fns = {**(fns or {}), **{n: keep_call for n in split}}
     frozen = _frozen(lens.model) if grad else contextlib.nullcontext()
-    with frozen, lens.hooks(fns, captures={n: [keep] for n in names}), torch.set_grad_enabled(grad):
+    with frozen, lens.hooks(fns, captures={n: [keep] for n in names if n not in split}), torch.set_grad_enabled(grad):
         yield store
 
 
@@ -622,7 +624,7 @@ def target_factors(lens, inputs, names: list[str], pos: Tensor, targets, method:
     split = set(per_call) if grad else set()
     rows = torch.arange(len(pos))
     calls: dict[str, list[Tensor]] = {}
-    with _recording(lens, names, grad, calls if split else None) as store:
+    with _recording(lens, names, grad, calls, split) as store:
         out = lens.model(**lens.prepare(inputs, where="relevancy"))
         logits = out.logits[rows.to(out.logits.device), pos.to(out.logits.device)]  # (b, vocab)
         pred = logits.detach().argmax(-1).cpu()

@@ -118,7 +118,8 @@ def _default_names(lens, mode: str) -> str:
 
 def word_maps(lens, prompt: str | Sequence[str], words: Sequence[str] | None = None, *,
               names: str | Sequence[str] | None = None, steps: Sequence[int] | None = None,
-              heads: Sequence[int] | Mapping[str, Sequence[int]] | None = None, mode: str = "pattern", image=None, progress: bool = False,
+              heads: Sequence[int] | Mapping[str, Sequence[int]] | None = None, mode: str = "pattern", image=None,
+              progress: bool = False,
               **generate_kwargs) -> WordMapResult:
     """Per word, the cross-attention it receives at every image position, over the images the call generates.
 
