@@ -47,6 +47,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 a = json.loads(sys.argv[1])
 torch.manual_seed(0)
 dev, dtype = a["device"], getattr(torch, a["dtype"])
+torch.backends.cuda.matmul.allow_tf32 = bool(a.get("tf32"))
 sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=a["d_in"], d_sae=a["d_sae"], k=a["k"], dtype=a["dtype"], device=dev))
 opt = torch.optim.Adam(sae.parameters(), lr=a["lr"], betas=(0.9, 0.999))
 x = torch.randn(a["batch"], a["d_in"], device=dev, dtype=dtype)
@@ -96,8 +97,11 @@ def main(argv=None) -> None:
     ap.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens installed")
     ap.add_argument("--store", action="store_true", help="also run benchmarks/store_io.py's measure()")
     ap.add_argument("--store-tokens", type=int, default=None, help="tokens of the store figures (default: its own)")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (float32 on a GPU with tensor cores)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     shape = dict(SHAPES[args.shape], **({"batch": args.batch} if args.batch else {}))
     dtype = getattr(torch, args.dtype)
     skip = set(filter(None, args.skip.split(",")))
@@ -106,7 +110,8 @@ def main(argv=None) -> None:
 
     meta = {"bench": "sae", "shape": args.shape, **shape, "device": args.device, "dtype": args.dtype,
             "torch": torch.__version__, "mmlens": mmlens.__version__, "threads": torch.get_num_threads(),
-            "host": platform.node(), "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+            "host": platform.node(), "tf32": args.tf32,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     torch.manual_seed(0)
     x = torch.randn(shape["batch"], shape["d_in"], device=args.device, dtype=dtype)
     lines, seconds = [], {}
@@ -137,7 +142,7 @@ def main(argv=None) -> None:
     if "saelens" not in skip:
         if args.saelens_python:
             payload = {**shape, "device": args.device, "dtype": args.dtype, "lr": 4e-4, "steps": args.steps,
-                       "warmup": args.warmup, "repeats": args.repeats}
+                       "warmup": args.warmup, "repeats": args.repeats, "tf32": args.tf32}
             res = subprocess.run([args.saelens_python, "-c", SAELENS_DRIVER, json.dumps(payload)],
                                  check=False, capture_output=True, text=True, timeout=3600)
             if res.returncode != 0:

@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mmlens import organisms
@@ -73,6 +74,22 @@ def test_demo_without_an_organism_names_the_command_that_trains_it(tmp_path, mon
     assert not (tmp_path / "index.html").exists()
 
 
+def test_demo_device_and_dtype_options_are_checked(tmp_path, monkeypatch):
+    from mmlens.demo import load_options
+
+    assert load_options() == {}
+    assert load_options("cpu", "bfloat16") == {"device": torch.device("cpu"), "dtype": torch.bfloat16}
+    assert load_options(dtype=torch.float16) == {"dtype": torch.float16}
+    with pytest.raises(ValueError, match=r"dtype 'float64' is not one of \('float32', 'bfloat16', 'float16'\)"):
+        load_options(dtype="float64")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda': CUDA is not available here"):
+        load_options("cuda")
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path), "--dtype", "int8"])
+    assert res.exit_code == 1 and "dtype 'int8' is not one of" in res.output
+    assert not (tmp_path / "index.html").exists()
+
+
 @pytest.mark.skipif("vlm" not in organisms.available(), reason="needs the shipped vlm organism")
 def test_demo_generative_section_leaves_the_padding_side_as_it_was():
     from mmlens.demo import SECTIONS
@@ -128,3 +145,28 @@ def test_hook_point_docs_are_generated_from_tables():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     assert (ROOT / "docs" / "hook_points.md").read_text() == gen.render(), "run python scripts/gen_hook_docs.py"
+
+
+@pytest.mark.skipif("vlm" not in organisms.available(), reason="needs the shipped vlm organism")
+def test_device_check_runs_sections_in_bfloat16_and_reports_failures(capsys, monkeypatch):
+    """scripts/device_check.py runs demo sections on a dtype/device, one JSON line each; a failing section is
+    reported (with where it raised) and the others still run."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("device_check", ROOT / "scripts" / "device_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import mmlens.demo
+
+    def boom(*a, **k):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(mmlens.demo, "_diffusion", boom)
+    assert mod.main(["--dtype", "bfloat16", "--only", "diffusion,generative"]) == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    by = {x.get("section"): x for x in lines}
+    assert by["generative"]["ok"] is True and by["generative"]["dtype"] == "bfloat16"
+    assert by["diffusion"]["ok"] is False and by["diffusion"]["error"] == "RuntimeError: planted"
+    assert lines[-1]["failed"] == ["diffusion"] and lines[-1]["ok"] == 1
+    with pytest.raises(SystemExit):
+        mod.main(["--only", "nonsense"])

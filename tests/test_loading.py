@@ -253,3 +253,30 @@ def test_sd_loads_saved_weights_and_runs(tiny_folder, torch_loads):
         noise = pipe.unet(torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=torch.randn(1, 5, 32)).sample
     assert noise.shape == (1, 4, 16, 16) and torch.isfinite(noise).all()
     assert torch_loads == []
+
+
+@pytest.mark.parametrize("name, key", [("clip", "dtype"), ("clip", "torch_dtype"), ("sd", "dtype"),
+                                       ("sd", "torch_dtype")])
+def test_dtype_and_torch_dtype_load_either_library(tiny_folder, name, key):
+    """`dtype` and `torch_dtype` mean the same for transformers models and diffusers pipelines (each library
+    knows one of them), and the weights are the saved ones cast."""
+    folder = tiny_folder(name)
+    lens = mmlens.load(folder, **{key: torch.bfloat16})
+    module = lens.model if name == "clip" else lens.model.unet
+    assert lens.dtype == torch.bfloat16 and {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    saved = load_file(folder / ("model.safetensors" if name == "clip" else "unet/diffusion_pytorch_model.safetensors"))
+    state = module.state_dict()
+    key0 = next(iter(saved))
+    torch.testing.assert_close(state[key0], saved[key0].to(torch.bfloat16), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dtype= or torch_dtype=, not both"):
+        mmlens.load(folder, dtype=torch.float32, torch_dtype=torch.float32)
+
+
+def test_device_moves_the_model_and_conflicts_with_device_map(tiny_folder, monkeypatch):
+    moved = []
+    real = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a or k) or real(self, *a, **k))
+    lens = mmlens.load(tiny_folder("clip"), device="cpu")
+    assert lens.device == torch.device("cpu") and moved[-1] == ("cpu",)
+    with pytest.raises(ValueError, match="device= or device_map=, not both"):
+        mmlens.load(tiny_folder("clip"), device="cpu", device_map="cpu")

@@ -42,7 +42,7 @@ def _fig(images, titles, cmap=None, size=1.8):
 
 
 def _grid_map(values: torch.Tensor, side: int) -> np.ndarray:
-    return values.float().reshape(side, side).numpy()
+    return values.float().cpu().reshape(side, side).numpy()
 
 
 def _contrastive(report: Report, lens, quick: bool = False) -> object:
@@ -108,7 +108,7 @@ def _generative(report: Report, lens, quick: bool = False) -> object:
                                    attn_rows={"lm.blocks.*.attn.pattern": [-1]})
     maps, titles = [], []
     for name in lens.hook_points("lm.blocks.*.attn.pattern"):
-        maps.append(tm.to_grid(cache[name][0, :, 0].mean(0)).float().numpy())  # (rows, cols) over the image
+        maps.append(tm.to_grid(cache[name][0, :, 0].mean(0)).float().cpu().numpy())  # (rows, cols) over the image
         titles.append(name.replace(".attn.pattern", ""))
     report.figure(_fig(maps, titles), f"last position of '{q}' attending to image patches (mean over heads)")
     ll = logit_lens(lens, inputs, names=["lm.blocks.0.resid_pre", *lens.hook_points("lm.blocks.*.resid_post")])
@@ -180,7 +180,7 @@ def _causal(report: Report, lens, quick: bool = False) -> None:
     scenes, questions = binding_scenes(8 if quick else 16, 10_000_900)
     inputs = vlm_inputs(lens, scenes, questions)
     tok = lens.processor.tokenizer
-    truth = torch.tensor(tok.convert_tokens_to_ids([s.objects[0].colour for s in scenes]))
+    truth = torch.tensor(tok.convert_tokens_to_ids([s.objects[0].colour for s in scenes]), device=lens.device)
     seq = inputs["input_ids"].shape[1]
     question = (lens.token_map(inputs).modality == MODALITIES.index("text")) & (torch.arange(seq) < seq - 1)
     ko = knockout(lens, inputs, edges={"image->last": ("image", "last"), "question->last": (question, "last")},
@@ -236,18 +236,40 @@ def require_organisms() -> None:
         )
 
 
-def run_demo(out: str | os.PathLike = "mmlens-report", quick: bool = False) -> Path:
-    """Load each organism, probe it, and return the path of the HTML report. `quick`: every section, smaller."""
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_options(device: str | None = None, dtype: str | torch.dtype | None = None) -> dict:
+    """`organisms.load` keywords for a device and a dtype (a name from DTYPES or a torch dtype), checked."""
+    kw: dict = {}
+    if device is not None:
+        kw["device"] = torch.device(device)  # raises on a malformed name
+        if kw["device"].type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        if name not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+        kw["dtype"] = getattr(torch, name)
+    return kw
+
+
+def run_demo(out: str | os.PathLike = "mmlens-report", quick: bool = False, device: str | None = None,
+             dtype: str | torch.dtype | None = None) -> Path:
+    """Load each organism, probe it, and return the path of the HTML report. `quick`: every section, smaller.
+    `device` / `dtype` load the organisms there and so (e.g. "cuda", "bfloat16"); the default is float32 on CPU."""
+    kw = load_options(device, dtype)
     require_organisms()
     torch.manual_seed(0)
     out = Path(out)
     report = Report("mmlens demo")
     report.text("Each section loads a model through mmlens.load (the real from_pretrained path), shows what it does "
                 "on the world, lists its canonical hook points and summarises a cache."
-                + (" Quick run: fewer scenes, prompts and denoising steps." if quick else ""))
+                + (" Quick run: fewer scenes, prompts and denoising steps." if quick else "")
+                + (f" Organisms loaded with {', '.join(f'{k}={v}' for k, v in kw.items())}." if kw else ""))
     for family, org in FAMILIES.items():
         t0 = time.perf_counter()
-        lens = organisms.load(org)
+        lens = organisms.load(org, **kw)
         report.heading(f"{family}: {type(lens.model).__name__}, the `{org}` organism")
         cache = SECTIONS[family](report, lens, quick)
         report.text(f"{len(lens.hook_points())} hook points, folded by block index:")
@@ -260,16 +282,16 @@ def run_demo(out: str | os.PathLike = "mmlens-report", quick: bool = False) -> P
     report.text("Where the read-outs above say what is encoded, these edit the forward pass and watch the answer: "
                 "restore activations from another run (patching), cut attention edges (knockout), add a direction "
                 "(steering).")
-    _causal(report, organisms.load("vlm"), quick)
+    _causal(report, organisms.load("vlm", **kw), quick)
     report.text(f"section time {time.perf_counter() - t0:.2f} s")
     t0 = time.perf_counter()
     report.heading("multimodal-native: techniques for models that see images")
     report.text("Text explanations of image-tower heads and embeddings, unit labels, and where each prompt word acts "
                 "in a generated image.")
-    native_section(report, quick)
+    native_section(report, quick, **kw)
     report.text(f"section time {time.perf_counter() - t0:.2f} s")
     t0 = time.perf_counter()
     report.heading("sparse autoencoders: features of the `clip` organism's image tower")
-    sae_section(report, quick)
+    sae_section(report, quick, **kw)
     report.text(f"section time {time.perf_counter() - t0:.2f} s")
     return report.save(out / "index.html")

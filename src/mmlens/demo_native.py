@@ -101,9 +101,9 @@ def _diffusion(report: Report, sd, quick: bool) -> None:
     res.to_report(report, "word maps: where each prompt word acts", labels=shown)
 
 
-def native_section(report: Report, quick: bool = False) -> None:
+def native_section(report: Report, quick: bool = False, **load_kw) -> None:
     """TextSpan, SpLiCE and dissection on the clip organism; relevancy and gradient maps on the vlm organism; word
-    maps on the diffusion organism."""
-    _contrastive(report, organisms.load("clip"), quick)
-    _generative(report, organisms.load("vlm"), quick)
-    _diffusion(report, organisms.load("diffusion"), quick)
+    maps on the diffusion organism. `load_kw`: `organisms.load` keywords (device, dtype)."""
+    _contrastive(report, organisms.load("clip", **load_kw), quick)
+    _generative(report, organisms.load("vlm", **load_kw), quick)
+    _diffusion(report, organisms.load("diffusion", **load_kw), quick)

@@ -18,11 +18,11 @@ COLOURS = list(PALETTE)
 SITE = "vision.blocks.2.resid_post"
 
 
-def sae_section(report: Report, quick: bool = False) -> None:
+def sae_section(report: Report, quick: bool = False, **load_kw) -> None:
     from .methods import SAE, SAEConfig, feature_dashboard, sae_metrics
     from .store import write_activations
 
-    clip = organisms.load("clip")
+    clip = organisms.load("clip", **load_kw)
     scenes = [single_object_scene(10_000_800 + i, background=BACKGROUNDS[i % 4]) for i in range(160 if quick else 400)]
     with tempfile.TemporaryDirectory() as tmp:
         store = write_activations(clip, [s.image for s in scenes], SITE, tmp, dtype="float32", progress=False)

@@ -80,12 +80,33 @@ def _load_pipeline(folder: Path, class_name: str, kwargs: dict):
     return cls.from_pretrained(folder, **kwargs)
 
 
-def load(path_or_model: str | os.PathLike | Any, processor: Any = None, **kwargs) -> Lens:
+def _diffusers_takes_dtype() -> bool:
+    """diffusers renamed `torch_dtype` to `dtype`; older versions know only `torch_dtype`."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load(path_or_model: str | os.PathLike | Any, processor: Any = None, *, device: str | Any = None,
+         **kwargs) -> Lens:
     """Load a supported model or pipeline from a local folder, or wrap one already loaded.
 
-    Keyword arguments go to `from_pretrained` (`torch_dtype`/`dtype`, `device_map="auto"`,
-    `attn_implementation`, ...). Nothing is downloaded: pass a local folder. Weights load from safetensors only.
+    `device` ("cuda", "cuda:1", ...) moves the loaded model or whole pipeline there. Other keyword arguments go to
+    `from_pretrained` (`dtype`, `device_map="auto"`, `attn_implementation`, ...); `dtype` and `torch_dtype` are the
+    same for transformers models and diffusers pipelines. Nothing is downloaded: pass a local folder. Weights load
+    from safetensors only.
     """
+    if device is not None and "device_map" in kwargs:
+        raise ValueError("pass device= or device_map=, not both (device_map places the model while loading)")
+    lens = _load(path_or_model, processor, kwargs)
+    if device is not None:
+        lens.model.to(device)
+    return lens
+
+
+def _load(path_or_model: str | os.PathLike | Any, processor: Any, kwargs: dict) -> Lens:
     if isinstance(path_or_model, (str, os.PathLike)):
         safe = kwargs.pop("use_safetensors", None)
         if safe is not None and safe is not True:
@@ -98,6 +119,12 @@ def load(path_or_model: str | os.PathLike | Any, processor: Any = None, **kwargs
             raise FileNotFoundError(f"{folder} is not a folder; mmlens loads local checkpoints only (no hub access)")
         lib, class_name = _class_of_folder(folder)
         adapter_cls = adapter_for(class_name)
+        if "dtype" in kwargs and "torch_dtype" in kwargs:
+            raise ValueError("pass dtype= or torch_dtype=, not both (they are the same)")
+        want, other = ("dtype", "torch_dtype") if lib == "transformers" or _diffusers_takes_dtype() else \
+            ("torch_dtype", "dtype")
+        if other in kwargs:  # the installed library's name for it
+            kwargs[want] = kwargs.pop(other)
         if lib == "diffusers":
             model = _load_pipeline(folder, class_name, dict(kwargs))
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import matplotlib
 import pytest
 import torch
@@ -281,8 +283,11 @@ def test_out_of_memory_splits_the_chunk(tiny_lens, monkeypatch):
     real = _replay.run_from
     sizes = []
 
+    handling = []
+
     def flaky(lens_, stack, ref, start, rows, p0, hooks):
         sizes.append(len(rows))
+        handling.append(sys.exc_info()[0])  # a retry inside `except` would keep the failed attempt's tensors alive
         if len(rows) > 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(lens_, stack, ref, start, rows, p0, hooks)
@@ -292,6 +297,9 @@ def test_out_of_memory_splits_the_chunk(tiny_lens, monkeypatch):
     got = patch(lens, clean, corrupt, "lm.blocks.*.resid_pre", positions=[1, 2, -1], metric=m)
     torch.testing.assert_close(got.per_example, want.per_example)
     assert max(sizes) > 4 and sizes[-1] <= 4
+    assert handling == [None] * len(handling)
+    failed = [n for n in sizes if n > 4]  # once a size fails, no later chunk tries it (or anything larger) again
+    assert failed == sorted(set(failed), reverse=True) and len(sizes) - len(failed) > 1
 
 
 @pytest.mark.parametrize("where", ["after", "before"])

@@ -72,6 +72,42 @@ def test_sparse_decode_gradcheck_and_dense_equality():
     assert out[1].abs().max() == 0  # the empty bag
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_sparse_ops_shift_and_dense_backed_path(monkeypatch, dense):
+    """The encoder's shift (b_dec) gradient and the dense-matmul path that GPUs in bf16 take (forced here on CPU)
+    give the gradients of the plain dense formula."""
+    monkeypatch.setattr(K, "dense_backed", lambda t: dense)
+    offsets, cols = ragged()
+    rows = K.bag_rows(offsets, len(cols))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    W, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((4, 7), (7,)))
+    shift = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    seed = torch.randn(5, 4, generator=g, dtype=torch.float64)
+
+    def ref():
+        code = torch.zeros(5, 7, dtype=torch.float64).index_put((rows, cols), ((x - shift) @ W + b)[rows, cols].relu())
+        return code @ W_dec
+
+    def got(x_grad=False):
+        vals = K.sparse_encode(x, W, b, offsets, cols, shift=shift)
+        return K.sparse_decode(vals.relu(), offsets, cols, W_dec)
+
+    params = (W, b, shift, W_dec)
+    want = torch.autograd.grad((ref() * seed).sum(), params)
+    have = torch.autograd.grad((got() * seed).sum(), params)
+    for o, r in zip(have, want):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, W, s: K.sparse_encode(x, W, b, offsets, cols, shift=s),
+                                    (x.clone().requires_grad_(True), W, shift))
+    widths = [3, 7]
+    vals = K.sparse_encode(x, W, b, offsets, cols, shift=shift).relu()
+    code = torch.zeros(5, 7, dtype=torch.float64).index_put((rows, cols), vals)
+    torch.testing.assert_close(K.prefix_decode(vals, offsets, cols, W_dec, widths),
+                               K.prefix_decode_dense(code, W_dec, widths), rtol=1e-12, atol=1e-12)
+
+
 def test_topk_pre_matches_torch_topk_in_chunks(monkeypatch):
     g = torch.Generator().manual_seed(3)
     x, W, b = torch.randn(100, 8, generator=g), torch.randn(8, 64, generator=g), torch.randn(64, generator=g)
@@ -388,6 +424,7 @@ import sys, warnings
 from pathlib import Path
 warnings.filterwarnings("ignore")
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig

@@ -13,17 +13,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="mmlens: inte
 
 @app.command()
 def demo(out: Path = typer.Option(Path("mmlens-report"), help="folder for the HTML report"),
-         quick: bool = typer.Option(False, help="every section, smaller: fewer scenes and denoising steps")) -> None:
+         quick: bool = typer.Option(False, help="every section, smaller: fewer scenes and denoising steps"),
+         device: str = typer.Option(None, help="load the organisms there, e.g. cuda (default: cpu)"),
+         dtype: str = typer.Option(None, help="float32 (default), bfloat16 or float16")) -> None:
     """Run the demo on the three shipped organisms and write a self-contained HTML report."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..demo import require_organisms, run_demo
+    from ..demo import load_options, require_organisms, run_demo
 
     try:
         require_organisms()
-    except FileNotFoundError as err:
+        load_options(device, dtype)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         typer.echo(f"mmlens demo: {err}", err=True)
         raise typer.Exit(1) from None
-    path = run_demo(out, quick=quick)
+    path = run_demo(out, quick=quick, device=device, dtype=dtype)
     typer.echo(f"report: {path.resolve()}")
 
 

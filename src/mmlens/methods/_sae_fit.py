@@ -123,19 +123,19 @@ def losses(sae, x: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
                 pre_dense = torch.addmm(b_enc, xs, W_enc)
                 flat = pre_dense.relu().reshape(-1).topk(min(cfg.k * n, n * m), sorted=False).indices.sort().values
                 rows, cols = flat // m, flat % m
-                counts = torch.bincount(rows, minlength=n)
+                counts = rows.new_zeros(n).index_add_(0, rows, torch.ones_like(rows))  # no host sync (bincount)
                 offsets = torch.cumsum(counts, 0) - counts
                 vals = pre_dense.reshape(-1)[flat]
-        acts = F.relu(sparse_encode(xs, W_enc, b_enc, offsets, cols, vals))
+        acts = F.relu(sparse_encode(target, W_enc, b_enc, offsets, cols, vals, shift=b_dec))
         if nested:
             prefixes = prefix_decode(acts, offsets, cols, W_dec, widths) + b_dec
         else:
             recon = sparse_decode(acts, offsets, cols, W_dec) + b_dec
         on = acts > 0
-        out["fired"] = torch.bincount(cols[on], minlength=m)
+        out["fired"] = cols.new_zeros(m).index_add_(0, cols, on.to(cols.dtype))  # no host sync (bincount, cols[on])
         out["l0"] = on.sum()
-        if cfg.architecture == "batchtopk":
-            out["min_kept"] = acts[on].min() if bool(on.any()) else acts.new_zeros(())
+        if cfg.architecture == "batchtopk":  # smallest kept activation, 0 if none is kept
+            out["min_kept"] = torch.where(on, acts, torch.inf).min().nan_to_num(posinf=0.0).detach()
     else:
         pre = torch.addmm(b_enc, xs, W_enc)
         if cfg.architecture == "relu":
@@ -173,7 +173,8 @@ def losses(sae, x: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
             else:
                 dv, di = topk_pre(xs.detach(), W_enc.detach()[:, dead_idx], b_enc.detach()[dead_idx], kk)
             cols_a, off_a = dead_idx[di].reshape(-1), fixed_offsets(n, kk, x.device)
-            e_hat = sparse_decode(sparse_encode(xs, W_enc, b_enc, off_a, cols_a, dv.reshape(-1)), off_a, cols_a, W_dec)
+            e_hat = sparse_decode(sparse_encode(target, W_enc, b_enc, off_a, cols_a, dv.reshape(-1), shift=b_dec),
+                                  off_a, cols_a, W_dec)
             aux = (e_hat - (target - recon).detach()).pow(2).sum(-1).mean()
             loss = loss + cfg.aux_coefficient * min(n_dead / cfg.aux_k, 1.0) * aux
             out["aux"] = aux.detach()
@@ -209,6 +210,7 @@ class Trainer:
                                                                  torch.float16)
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.lr, betas=(0.9, 0.999), fused=fused or None)
         self.objective: nn.Module | None = None
+        self._seen: int | None = None  # host copy of state.tokens (read once, at the first step: after a resume)
 
     def _wrapped(self) -> nn.Module:
         if self.objective is None:
@@ -250,7 +252,11 @@ class Trainer:
             g["lr"] = self.lr(step)
         x = self._checked(step, x).to(sae.W_dec.device, sae.W_dec.dtype, non_blocking=True)
         use_aux = cfg.aux_k > 0 and cfg.aux_coefficient > 0
-        dead = state.tokens_since_fired >= cfg.dead_tokens if use_aux else None
+        # no feature can be dead before dead_tokens tokens: skip the mask, and the host sync its count costs
+        if self._seen is None:
+            self._seen = int(state.tokens)
+        maybe = self.world > 1 or self._seen >= cfg.dead_tokens
+        dead = state.tokens_since_fired >= cfg.dead_tokens if use_aux and maybe else None
         out = self._wrapped()(x, dead)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -267,11 +273,12 @@ class Trainer:
     @torch.no_grad()
     def _count(self, out: dict[str, Tensor], n: int) -> None:
         sae, state = self.sae, self.state
-        fired = torch.cat([out["fired"].to(torch.int64), torch.tensor([n], device=out["fired"].device)])
+        fired = torch.cat([out["fired"].to(torch.int64), out["fired"].new_full((1,), n, dtype=torch.int64)])
         if self.world > 1:
             _all_reduce(fired)
         tokens = fired[-1]
         fired = fired[:-1]
+        self._seen += n
         state.fire_count += fired
         state.tokens_since_fired.add_(tokens).masked_fill_(fired > 0, 0)
         state.tokens += tokens
@@ -280,10 +287,8 @@ class Trainer:
             v = torch.stack([out["min_kept"].float(), (out["min_kept"] > 0).float()])
             if self.world > 1:
                 _all_reduce(v)
-            if float(v[1]) > 0:
-                new = v[0] / v[1]
-                t = sae.batch_threshold
-                t.copy_(new if float(t) <= 0 else t + self.cfg.batch_threshold_lr * (new - t))
+            t, new = sae.batch_threshold, v[0] / v[1].clamp_min(1)  # no host syncs: kept as tensor selects
+            t.copy_(torch.where(v[1] > 0, torch.where(t <= 0, new, t + self.cfg.batch_threshold_lr * (new - t)), t))
 
 
 # -------------------------------------------------------------------------------------------------- sources

@@ -47,52 +47,88 @@ def topk_pre(x: Float[Tensor, "batch d_in"], W_enc: Float[Tensor, "d_in d_sae"],
 
 def bag_rows(offsets: Int[Tensor, " batch"], nnz: int) -> Int[Tensor, " nnz"]:
     """The token of each entry, from the bags' start offsets."""
-    counts = torch.diff(offsets, append=offsets.new_tensor([nnz]))
-    return torch.repeat_interleave(torch.arange(len(offsets), device=offsets.device), counts)
+    counts = torch.diff(offsets, append=offsets.new_full((1,), nnz))
+    return torch.repeat_interleave(torch.arange(len(offsets), device=offsets.device), counts, output_size=nnz)
+
+
+def dense_backed(t: Tensor) -> bool:
+    """Whether the sparse ops below run as dense matmuls on a (batch, d_sae) code instead of gathers.
+
+    On a GPU with tensor cores (bf16/fp16, or fp32 with TF32 allowed) one (4096 x 1024) @ (1024 x 32768) product takes
+    ~0.3 ms on an H100, faster than any PyTorch gather/scatter over the same k entries (embedding_bag's backward alone
+    takes ~1.1 ms; its per-sample-weight gradient has no bf16 kernel at all). The sparse gains there come from what
+    is skipped instead: the input gradient of the encoder matmul and the autograd graph of the dense top-k. On CPUs
+    and on GPUs in strict fp32 the gathers win (benchmarks/sae.py)."""
+    if t.device.type != "cuda":
+        return False
+    return t.dtype in (torch.float16, torch.bfloat16) or (t.dtype == torch.float32
+                                                          and torch.backends.cuda.matmul.allow_tf32)
+
+
+def dense_code(values: Float[Tensor, " nnz"], offsets: Int[Tensor, " batch"], cols: Int[Tensor, " nnz"],
+               d_sae: int) -> Float[Tensor, "batch d_sae"]:
+    """The (batch, d_sae) code with the kept entries in place and zeros elsewhere (differentiable in `values`)."""
+    rows = bag_rows(offsets, cols.shape[0])
+    return values.new_zeros(offsets.shape[0], d_sae).index_put((rows, cols), values)
 
 
 class SparseEncode(torch.autograd.Function):
-    """pre[row, col] = x[row] @ W_enc[:, col] + b_enc[col] at the kept entries only.
+    """pre[row, col] = (x[row] - shift) @ W_enc[:, col] + b_enc[col] at the kept entries only.
 
     `values`: the same numbers already computed (by `topk_pre`, under no grad) so the forward is free; None computes
-    them here (gradcheck, tests). The backward is one embedding_bag forward+backward over W_enc's transpose."""
+    them here (gradcheck, tests). `shift` (b_dec) gets its gradient as -W_enc @ (column sums of g), a mat-vec, so a
+    step whose data needs no gradient never builds grad x. The backward is one embedding_bag forward+backward over
+    W_enc's transpose, or on `dense_backed` devices one matmul with the densified gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, offsets: Tensor, cols: Tensor,
-                values: Tensor | None = None) -> Tensor:
-        ctx.save_for_backward(x, W_enc, offsets, cols)
+                values: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        xs = x if shift is None else x - shift
+        ctx.save_for_backward(xs, W_enc, offsets, cols)
         ctx.d_sae = b_enc.shape[0]
         if values is None:
             rows = bag_rows(offsets, cols.shape[0])
-            values = torch.einsum("nd,nd->n", x[rows], W_enc.T[cols]) + b_enc[cols]
+            values = torch.einsum("nd,nd->n", xs[rows], W_enc.T[cols]) + b_enc[cols]
         return values.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, W_enc, offsets, cols = ctx.saved_tensors
-        gx = gW = gb = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        xs, W_enc, offsets, cols = ctx.saved_tensors
+        need_x, need_W, need_b = ctx.needs_input_grad[:3]
+        need_shift = ctx.needs_input_grad[6]
+        gx = gW = gb = gshift = None
+        g = g.contiguous()
+        if dense_backed(W_enc) and (need_x or need_W):
+            G = dense_code(g, offsets, cols, ctx.d_sae)
+            gx = G @ W_enc.T if need_x else None
+            gW = xs.T @ G if need_W else None
+        elif need_x or need_W:
             with torch.enable_grad():
                 wt = W_enc.detach().T.contiguous().requires_grad_(True)
                 # bag-sum of g * W_enc[:, col] is grad x; its gradient wrt the table, seeded with x, is grad W_enc.T
-                out = F.embedding_bag(cols, wt, offsets, mode="sum", per_sample_weights=g.contiguous())
-                (gwt,) = torch.autograd.grad(out, wt, x.detach(), retain_graph=False)
-            gx = out.detach() if ctx.needs_input_grad[0] else None
-            gW = gwt.T if ctx.needs_input_grad[1] else None
-        if ctx.needs_input_grad[2]:
-            gb = torch.zeros(ctx.d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        return gx, gW, gb, None, None, None
+                out = F.embedding_bag(cols, wt, offsets, mode="sum", per_sample_weights=g)
+                (gwt,) = torch.autograd.grad(out, wt, xs.detach(), retain_graph=False) if need_W else (None,)
+            gx = out.detach() if need_x else None
+            gW = gwt.T if need_W else None
+        if need_b or need_shift:
+            col_sums = torch.zeros(ctx.d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+            gb = col_sums if need_b else None
+            gshift = -(W_enc @ col_sums) if need_shift else None
+        return gx, gW, gb, None, None, None, gshift
 
 
 def sparse_encode(x: Float[Tensor, "batch d_in"], W_enc: Float[Tensor, "d_in d_sae"], b_enc: Float[Tensor, " d_sae"],
                   offsets: Int[Tensor, " batch"], cols: Int[Tensor, " nnz"],
-                  values: Float[Tensor, " nnz"] | None = None) -> Float[Tensor, " nnz"]:
-    return SparseEncode.apply(x, W_enc, b_enc, offsets, cols, values)
+                  values: Float[Tensor, " nnz"] | None = None,
+                  shift: Float[Tensor, " d_in"] | None = None) -> Float[Tensor, " nnz"]:
+    return SparseEncode.apply(x, W_enc, b_enc, offsets, cols, values, shift)
 
 
 def sparse_decode(values: Float[Tensor, " nnz"], offsets: Int[Tensor, " batch"], cols: Int[Tensor, " nnz"],
                   W_dec: Float[Tensor, "d_sae d_in"]) -> Float[Tensor, "batch d_in"]:
     """Per token, the sum of value * W_dec[col] over its entries (no bias)."""
+    if dense_backed(W_dec):
+        return dense_code(values, offsets, cols, W_dec.shape[0]) @ W_dec
     return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values)
 
 
@@ -103,6 +139,8 @@ def prefix_decode(values: Float[Tensor, " nnz"], offsets: Int[Tensor, " batch"],
     Entries are stably sorted by (token, band) with band j holding widths[j-1] <= col < widths[j]; each
     (token, band) pair is one bag of a single embedding_bag (so W_dec's gradient is built once, not once per
     level), and the cumulative sum over bands turns band decodes into prefix decodes."""
+    if dense_backed(W_dec):
+        return prefix_decode_dense(dense_code(values, offsets, cols, W_dec.shape[0]), W_dec, widths)
     n, levels = offsets.shape[0], len(widths)
     bounds = torch.as_tensor(widths, device=cols.device, dtype=cols.dtype)
     band = torch.bucketize(cols, bounds, right=True).clamp_max_(levels - 1)

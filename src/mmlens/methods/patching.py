@@ -361,8 +361,10 @@ def _auto_rows(lens, seq: int) -> int:
     d = getattr(cfg, "hidden_size", 1024) or 1024
     heads = getattr(cfg, "num_attention_heads", 16) or 16
     inter = getattr(cfg, "intermediate_size", 4 * d) or 4 * d
+    vocab = getattr(cfg, "vocab_size", 0) or 0
     item = torch.finfo(lens.dtype).bits // 8
-    per_row = max(seq, 1) * (8 * d + 2 * inter + 2 * heads * max(seq, 1)) * item
+    # residual/attention/MLP activations, the attention matrix, and the logits over every position (kept by HF)
+    per_row = max(seq, 1) * (8 * d + 2 * inter + 2 * heads * max(seq, 1) + 2 * vocab) * item
     free = torch.cuda.mem_get_info(lens.device)[0]
     return int(max(1, min(4096, free // 2 // per_row)))
 
@@ -504,16 +506,25 @@ def patch(lens, clean, corrupt, names, *, positions=None, heads: Sequence[int] |
             out, _ = lens.run_with_cache(_repeat(lens, base.inputs, k), names=[], hooks=hooks)
         return _metric_values(metric, out, k, b)
 
+    cap = [len(max(chunks, key=len))] if chunks else [1]  # patches per forward; halved at each OOM, kept after
+
     def run_or_split(idx: list[int]) -> None:
-        """Out of GPU memory: the chunk runs in halves (the estimate in _auto_rows is rough)."""
+        """Out of GPU memory: the chunk runs in halves, and later chunks at that size (the estimate in _auto_rows is
+        rough). The retry happens outside the `except` block, so the failed attempt's activations are freed first."""
+        if len(idx) > cap[0]:
+            step = cap[0]  # cap may shrink inside the loop; the pieces stay this size
+            for lo in range(0, len(idx), step):
+                run_or_split(idx[lo: lo + step])
+            return
         try:
             values[idx] = run_chunk(idx)
+            return
         except torch.OutOfMemoryError:
             if len(idx) == 1:
                 raise
-            torch.cuda.empty_cache()
-            run_or_split(idx[: len(idx) // 2])
-            run_or_split(idx[len(idx) // 2:])
+        cap[0] = max(1, len(idx) // 2)
+        torch.cuda.empty_cache()
+        run_or_split(idx)
 
     for idx in tqdm(chunks, desc="patch", disable=not progress):
         run_or_split(idx)

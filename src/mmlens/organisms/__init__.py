@@ -29,7 +29,7 @@ def available() -> list[str]:
 
 
 def load(name: str, **kwargs):
-    """A Lens over the shipped organism."""
+    """A Lens over the shipped organism; keywords as `mmlens.load` (`device="cuda"`, `dtype=torch.bfloat16`, ...)."""
     from ..loading import load as load_lens
 
     return load_lens(path(name), **kwargs)

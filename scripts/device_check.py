@@ -1,0 +1,80 @@
+"""Run every `mmlens demo` section on a device and dtype, each on its own, and report which ones raise.
+
+The demo touches most of the library (hook layer, read-outs, patching, knockout, steering, TextSpan, SpLiCE,
+dissection, relevancy, gradient maps, word maps, the activation store and SAEs) on the three organisms, so this is
+the quickest way to see what breaks off CPU float32. One JSON line per section (ok, seconds, the error's last
+traceback lines), then a summary line; exit status 1 if any section failed.
+
+    python scripts/device_check.py --device cuda --dtype bfloat16
+    python scripts/device_check.py --dtype bfloat16 --only generative,causal     # CPU, a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def sections(kw: dict) -> dict:
+    from mmlens import demo, demo_native, organisms
+    from mmlens.demo_sae import sae_section
+
+    load = lambda name: organisms.load(name, **kw)  # noqa: E731
+    return {
+        "contrastive": lambda r, q: demo._contrastive(r, load("clip"), q),
+        "generative": lambda r, q: demo._generative(r, load("vlm"), q),
+        "diffusion": lambda r, q: demo._diffusion(r, load("diffusion"), q),
+        "causal": lambda r, q: demo._causal(r, load("vlm"), q),
+        "native_contrastive": lambda r, q: demo_native._contrastive(r, load("clip"), q),
+        "native_generative": lambda r, q: demo_native._generative(r, load("vlm"), q),
+        "native_diffusion": lambda r, q: demo_native._diffusion(r, load("diffusion"), q),
+        "sae": lambda r, q: sae_section(r, q, **kw),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--only", default="", help="comma-separated section names")
+    ap.add_argument("--full", action="store_true", help="the full demo's sizes (default: --quick's)")
+    args = ap.parse_args(argv)
+    import torch
+
+    from mmlens.demo import load_options
+    from mmlens.viz.report import Report
+
+    kw = load_options(args.device, args.dtype)
+    todo = sections(kw)
+    if args.only:
+        unknown = set(args.only.split(",")) - set(todo)
+        if unknown:
+            ap.error(f"unknown sections {sorted(unknown)}; choose from {sorted(todo)}")
+        todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
+    failed = []
+    for name, run in todo.items():
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        line = {"section": name, "device": args.device or "cpu", "dtype": args.dtype or "float32"}
+        try:
+            run(Report(name), not args.full)
+            line["ok"] = True
+        except Exception as err:  # noqa: BLE001 - every section's failure is reported, the others still run
+            failed.append(name)
+            line.update(ok=False, error=f"{type(err).__name__}: {err}"[:600],
+                        where=traceback.format_exc().strip().splitlines()[-8:-1])
+        line["seconds"] = round(time.perf_counter() - t0, 2)
+        print(json.dumps(line), flush=True)
+    print(json.dumps({"summary": True, "ok": len(todo) - len(failed), "failed": failed,
+                      "torch": torch.__version__}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
