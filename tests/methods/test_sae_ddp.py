@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mmlens.methods.sae import SAE, SAEConfig
@@ -47,9 +48,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("widths", [None, [32, 128]], ids=["plain", "matryoshka"])
+def test_two_ranks_equal_one_process(tmp_path, monkeypatch, widths):
+    cfg = {**CFG, "matryoshka_widths": widths}
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(make_batch=inspect.getsource(make_batch), batch_size=CFG["batch_size"], cfg=CFG,
+    script.write_text(SCRIPT.format(make_batch=inspect.getsource(make_batch), batch_size=CFG["batch_size"], cfg=cfg,
                                     steps=STEPS))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -70,7 +73,7 @@ def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = SAE(SAEConfig(**CFG)).fit(make_batch, steps=STEPS, progress=False)
+        single = SAE(SAEConfig(**cfg)).fit(make_batch, steps=STEPS, progress=False)
     finally:
         torch.set_num_threads(n)
     for name, p in single.state_dict().items():
@@ -79,4 +82,5 @@ def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     assert r0.feature_stats["tokens"] == single.feature_stats["tokens"] == STEPS * CFG["batch_size"]
     assert torch.equal(r0.feature_stats["fire_count"], single.feature_stats["fire_count"])
     assert sum(aux_steps) >= 3  # the aux loss on dead features was live (in both runs, since they agree)
-    assert not torch.equal(single.W_dec, SAE(SAEConfig(**CFG)).W_dec)
+    assert not torch.equal(single.W_dec, SAE(SAEConfig(**cfg)).W_dec)
+    assert r0.cfg.matryoshka_widths == widths
