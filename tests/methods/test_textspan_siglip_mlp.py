@@ -187,3 +187,29 @@ def test_bad_options(tiny_lens):
         direct_effects(lens, {"pixel_values": pv}, head_mlp="none")
     with pytest.raises(ValueError, match="has none"):
         direct_effects(tiny_lens("clip"), sample_inputs("clip", tiny_lens("clip")), head_mlp="integrated")
+
+
+def test_fc_act_fc_shortcut_equals_the_generic_jvp(tiny_lens, monkeypatch):
+    """SigLIP's fc2(act(fc1 z)) takes the shortcut (node derivatives averaged first); any other MLP the batched jvp
+    per node. Both give the same shares, and an MLP that only looks like fc-act-fc is not taken for one."""
+    import sys
+
+    de = sys.modules["mmlens.methods.direct_effects"]  # the module (mmlens.methods.direct_effects is the function)
+    lens = tiny_lens("siglip")
+    _, pv = _pv(lens)
+    tok, _, _, head = _by_hand(lens.model, pv)
+    terms = tok.float()
+    assert de._is_fc_act_fc(head.mlp, torch.randn(2, terms.shape[-1]))
+    fast = {m: split_pooling_mlp(head, terms, mlp=m) for m in ("linearised", "integrated")}
+    monkeypatch.setattr(de, "_is_fc_act_fc", lambda f, z: False)
+    for m, v in fast.items():
+        torch.testing.assert_close(v, split_pooling_mlp(head, terms, mlp=m), rtol=1e-4, atol=1e-6)
+    monkeypatch.undo()
+
+    class Scaled(type(head.mlp)):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    odd = Scaled(head.mlp.config)
+    odd.load_state_dict(head.mlp.state_dict())
+    assert not de._is_fc_act_fc(odd, torch.randn(2, terms.shape[-1]))

@@ -262,13 +262,32 @@ def split_pooling_mlp(head: nn.Module, terms: Float[Tensor, "batch n d"], *, mlp
 
         x, wq = np.polynomial.legendre.leggauss(steps)
         nodes, weights = ((x + 1) / 2).tolist(), (wq / 2).tolist()
+    total = u.sum(1)
+    if _is_fc_act_fc(f, b + total):
+        # fc2(act(fc1 z)): J(z) u = W2 diag(act'(fc1 z)) W1 u, and only the diagonal moves along the path, so the
+        # nodes' derivatives are averaged first and each term goes through W1 and W2 once (not once per node)
+        W1, b1, W2 = params["fc1.weight"], params.get("fc1.bias"), params["fc2.weight"]
+        slope = 0
+        for a, wt in zip(nodes, weights):
+            pre = torch.nn.functional.linear(b + a * total, W1, b1)  # (batch, d_mlp)
+            slope = slope + wt * torch.func.jvp(f.activation_fn, (pre,), (torch.ones_like(pre),))[1]
+        return (((u @ W1.T) * slope[:, None]) @ W2.T).cpu()
     fn = lambda z: torch.func.functional_call(f, params, (z,))  # noqa: E731
     out = torch.zeros_like(u)
     for a, wt in zip(nodes, weights):
-        z = b + a * u.sum(1)  # (batch, d): the point on the path
+        z = b + a * total  # (batch, d): the point on the path
         jv = torch.func.vmap(lambda v: torch.func.jvp(fn, (z,), (v,))[1], in_dims=1, out_dims=1)(u)
         out += wt * jv
     return out.cpu()
+
+
+def _is_fc_act_fc(f: nn.Module, z: Tensor) -> bool:
+    """Whether `f` is SigLIP's MLP shape, fc2(activation_fn(fc1(z))), checked on `z` (a subclass may differ)."""
+    if not all(isinstance(getattr(f, k, None), nn.Linear) for k in ("fc1", "fc2")) or \
+            not callable(getattr(f, "activation_fn", None)):
+        return False
+    x = z.to(f.fc1.weight.dtype)
+    return torch.allclose(f(x).float(), f.fc2(f.activation_fn(f.fc1(x))).float(), rtol=1e-4, atol=1e-5)
 
 
 def _blocks(lens, prefix: str) -> int:
