@@ -484,3 +484,22 @@ def test_real_saelens_reads_ours_and_we_read_its_files(tmp_path):
         assert sae.cfg.architecture == arch
         torch.testing.assert_close(sae.encode(io["x"]), io["f"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae.decode(io["f"]), io["xhat"], rtol=1e-5, atol=1e-5)
+
+
+def test_batchtopk_threshold_stays_float32_so_its_running_average_moves():
+    """bfloat16 would round the threshold's small steps away (lr 0.01 x a gap of 0.1 is under its 0.0156 spacing at
+    2): the buffer stays float32 through `.to(dtype)`, and the update lands."""
+    from mmlens.methods._sae_fit import Trainer
+
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="batchtopk", k=2, batch_size=4, dtype="bfloat16"))
+    assert sae.W_dec.dtype == torch.bfloat16 and sae.batch_threshold.dtype == torch.float32
+    sae.to(torch.float16).to(torch.bfloat16)
+    assert sae.batch_threshold.dtype == torch.float32 and "batch_threshold" in dict(sae.named_buffers())
+    trainer = Trainer(sae, total=10)
+    sae.batch_threshold.fill_(2.0)
+    trainer._count({"fired": torch.zeros(16, dtype=torch.int64), "min_kept": torch.tensor(1.9, dtype=torch.bfloat16)},
+                   4)
+    want = 2.0 + sae.cfg.batch_threshold_lr * (float(torch.tensor(1.9, dtype=torch.bfloat16)) - 2.0)
+    assert float(sae.batch_threshold) == pytest.approx(want, abs=1e-6) and float(sae.batch_threshold) != 2.0
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert sae.encode(x).dtype == torch.bfloat16

@@ -278,7 +278,8 @@ class Trainer:
             _all_reduce(fired)
         tokens = fired[-1]
         fired = fired[:-1]
-        self._seen += n
+        if self._seen is not None:
+            self._seen += n
         state.fire_count += fired
         state.tokens_since_fired.add_(tokens).masked_fill_(fired > 0, 0)
         state.tokens += tokens
