@@ -2,7 +2,8 @@
 
 The demo touches most of the library (hook layer, read-outs, patching, knockout, steering, TextSpan, SpLiCE,
 dissection, relevancy, gradient maps, word maps, the activation store and SAEs) on the three organisms, so this is
-the quickest way to see what breaks off CPU float32. One JSON line per section (ok, seconds, the error's last
+the quickest way to see what breaks off CPU float32; `sae_fit` trains every SAE architecture on the device, and
+`example:<name>` runs each of examples/ with the organisms loaded there. One JSON line per section (ok, seconds, the error's last
 traceback lines), then a summary line; exit status 1 if any section failed.
 
     python scripts/device_check.py --device cuda --dtype bfloat16
@@ -17,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,7 +38,26 @@ def sections(kw: dict) -> dict:
         "native_diffusion": lambda r, q: demo_native._diffusion(r, load("diffusion"), q),
         "sae": lambda r, q: sae_section(r, q, **kw),
         "sae_fit": lambda r, q: sae_fit(kw),
+        **{f"example:{f.stem}": (lambda r, q, f=f: example(f, kw)) for f in sorted(EXAMPLES.glob("*.py"))},
     }
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def example(path: Path, kw: dict) -> None:
+    """Run examples/<name>.py's main() (its default sizes) with every `organisms.load` given the device and dtype:
+    the examples reach the methods the demo does not (feature visualization, TRAK, D-TRAK, tuned lens, ...)."""
+    import runpy
+
+    import mmlens.organisms as organisms
+
+    real = organisms.load
+    organisms.load = lambda name, **k: real(name, **{**kw, **k})
+    try:
+        runpy.run_path(str(path))["main"]()
+    finally:
+        organisms.load = real
 
 
 def sae_fit(kw: dict) -> dict:
