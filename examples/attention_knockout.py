@@ -21,7 +21,7 @@ def main(n_scenes: int = 24, seed: int = 10_000_500) -> dict:
     vlm = organisms.load("vlm")
     tok = vlm.processor.tokenizer
     scenes, questions = binding_scenes(n_scenes, seed)
-    truth = torch.tensor(tok.convert_tokens_to_ids([s.objects[0].colour for s in scenes]))
+    truth = torch.tensor(tok.convert_tokens_to_ids([s.objects[0].colour for s in scenes]), device=vlm.device)
     inputs = vlm_inputs(vlm, scenes, questions)  # left-padded: the last position of every row is the answer's ':'
 
     # the question: every text token before the last position ("what colour is the square ? answer")

@@ -42,7 +42,7 @@ def main(n_scenes: int = 40, first_seed: int = 10_000_500) -> dict:
             best = cache[names[1]][0, :, 0].mean(0)
             grid = tm.to_grid(best)  # (8, 8) over the image, CLS set apart
             print(f"scene {seed}: {scene.caption}; block 1 attention from the answer over the image (x100):")
-            print(np.array2string((grid * 100).round().to(torch.int64).numpy(), max_line_width=120))
+            print(np.array2string((grid * 100).round().to(torch.int64).cpu().numpy(), max_line_width=120))
     asked, other = asked / used, other / used
     print(f"{used} scenes; attention mass of the answer position (mean over heads):")
     for name, a, o in zip(names, asked, other):

@@ -24,11 +24,11 @@ def main(n: int = 48, seed: int = 10_000_500) -> dict:
     labels = torch.tensor([PROMPTS.index(s.short_caption) for s in scenes])
     de = direct_effects(clip, inputs)
     # the terms sum to the unnormalised image features; normalised they are the model's image_embeds
-    gap = (torch.nn.functional.normalize(de.total(), dim=-1) - out.image_embeds.float()).abs().max().item()
+    gap = (torch.nn.functional.normalize(de.total(), dim=-1) - out.image_embeds.float().cpu()).abs().max().item()
     print(f"{de.summary()}; |normalised total - image_embeds| = {gap:.1e}")
     # each layer group's share of the true class's logit (direct path), mean over images
     names, groups = de.by_layer()
-    part = torch.einsum("bgd,bd->bg", groups, out.text_embeds.float()[labels])
+    part = torch.einsum("bgd,bd->bg", groups, out.text_embeds.float().cpu()[labels])
     share = (part / part.sum(1, keepdim=True)).mean(0)
     for name, v in zip(names, share.tolist()):
         print(f"  {name:16s} share of the true class's logit: {v:+.2f}")

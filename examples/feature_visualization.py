@@ -20,7 +20,7 @@ def main(n: int = 2, steps: int = 96, pool: int = 48, k: int = 6, seed: int = 10
     clip = organisms.load("clip")
     texts = clip.processor(text=[f"a red {s}" for s in SHAPES], return_tensors="pt", padding=True)
     with torch.no_grad():
-        text = clip.model.get_text_features(**texts).pooler_output.float()
+        text = clip.model.get_text_features(**texts.to(clip.device)).pooler_output.float()
     red = torch.nn.functional.normalize(text, dim=-1).mean(0)  # 'red', whatever the shape
     scenes = [single_object_scene(seed + i) for i in range(pool)]
     res = visualize(clip, direction("vision.proj", red), steps=steps, n=n, dataset=[s.image for s in scenes], k=k)
