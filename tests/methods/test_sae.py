@@ -151,14 +151,19 @@ def dense_reference_loss(sae, x, dead=None):
         f = F.relu(pre) * keep.view_as(pre)
     recon = f @ sae.W_dec + sae.b_dec
     loss = (recon - target).pow(2).sum(-1).mean()
-    if dead is not None and dead.any():
-        n_dead = int(dead.sum())
-        kk = min(cfg.aux_k, n_dead)
-        v, i = torch.where(dead, pre, -torch.inf).topk(kk, dim=-1)
-        e_hat = torch.zeros_like(pre).scatter(-1, i, v) @ sae.W_dec
-        aux = (e_hat - (target - recon).detach()).pow(2).sum(-1).mean()
-        loss = loss + cfg.aux_coefficient * min(n_dead / cfg.aux_k, 1) * aux
-    return loss
+    return loss + aux_reference(sae, pre, target, recon, dead)
+
+
+def aux_reference(sae, pre, target, recon, dead):
+    """AuxK by hand: the top aux_k dead pre-activations per token, decoded densely, fit to the residual."""
+    cfg = sae.cfg
+    if dead is None or not dead.any():
+        return 0.0
+    n_dead = int(dead.sum())
+    v, i = torch.where(dead, pre, -torch.inf).topk(min(cfg.aux_k, n_dead), dim=-1)
+    e_hat = torch.zeros_like(pre).scatter(-1, i, v) @ sae.W_dec
+    aux = (e_hat - (target - recon).detach()).pow(2).sum(-1).mean()
+    return cfg.aux_coefficient * min(n_dead / cfg.aux_k, 1) * aux
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])

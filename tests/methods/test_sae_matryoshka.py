@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mmlens.methods import _sae_kernels as K
 from mmlens.methods._sae_fit import losses
 from mmlens.methods.sae import SAE, SAEConfig
+from tests.methods.test_sae import aux_reference
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,14 +45,7 @@ def dense_matryoshka_loss(sae, x, dead=None):
     for m in cfg.matryoshka_widths:
         recon = f[:, :m] @ sae.W_dec[:m] + sae.b_dec
         loss = loss + (recon - target).pow(2).sum(-1).mean()
-    if dead is not None and dead.any():  # `recon` is now the whole SAE's
-        n_dead = int(dead.sum())
-        kk = min(cfg.aux_k, n_dead)
-        v, i = torch.where(dead, pre, -torch.inf).topk(kk, dim=-1)
-        e_hat = torch.zeros_like(pre).scatter(-1, i, v) @ sae.W_dec
-        aux = (e_hat - (target - recon).detach()).pow(2).sum(-1).mean()
-        loss = loss + cfg.aux_coefficient * min(n_dead / cfg.aux_k, 1) * aux
-    return loss
+    return loss + aux_reference(sae, pre, target, recon, dead)  # `recon` is now the whole SAE's
 
 
 def randomised(cfg, seed=4):
