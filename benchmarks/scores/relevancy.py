@@ -8,7 +8,7 @@ import torch
 
 from ._common import SEED, line, vlm_binding_scenes
 
-METHODS = ("chefer", "rollout", "saliency", "integrated_gradients", "grad_cam", "occlusion")
+METHODS = ("chefer", "rollout", "saliency", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion")
 
 
 def _run(lens, inputs, target, method):
@@ -17,7 +17,7 @@ def _run(lens, inputs, target, method):
 
     if method in ("chefer", "rollout"):
         return relevancy(lens, inputs, target, method=method)
-    kw = {"internal_batch_size": 256} if method in ("integrated_gradients", "occlusion") else {}
+    kw = {"internal_batch_size": 256} if method in ("integrated_gradients", "occlusion", "smoothgrad") else {}
     if method == "integrated_gradients":
         kw["steps"] = 16  # the map's shape, not its completeness, is scored here
     return gradient_map(lens, inputs, target, method=method, **kw)
@@ -37,8 +37,8 @@ def _chance_iou(res, masks: np.ndarray, draws: int = 10) -> float:
 def _lines(organism: str, results: dict, masks: np.ndarray, n: int, what: str) -> list[dict]:
     area = float(masks.mean())
     out = []
-    src = ("Chefer et al. 2021, Abnar & Zuidema 2020, Simonyan et al. 2014, Sundararajan et al. 2017, Selvaraju et al. "
-           "2017, Zeiler & Fergus 2014: a map of the answer's logit should point at the evidence; here " + what)
+    src = ("Chefer et al. 2021, Abnar & Zuidema 2020, Simonyan et al. 2014, Smilkov et al. 2017, Sundararajan et al. "
+           "2017, Selvaraju et al. 2017, Zeiler & Fergus 2014: a map of the answer's logit should point at the evidence; here " + what)
     for method, res in results.items():
         tech = "relevancy" if method in ("chefer", "rollout") else "gradient_map"
         hit = res.pointing_game(masks, 0).float().mean().item()
@@ -95,7 +95,7 @@ def score(n: int = 48, methods: tuple[str, ...] = ("chefer", "rollout")) -> list
 
 def score_gradient_maps(n: int = 48) -> list[dict]:
     """The same scenes and bars for Captum's gradient methods (`gradient_map`)."""
-    return score(n, methods=("saliency", "integrated_gradients", "grad_cam", "occlusion"))
+    return score(n, methods=("saliency", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion"))
 
 
 def _cat(parts):

@@ -46,6 +46,47 @@ def test_saliency_is_abs_gradient_summed_over_channels(tiny_lens):
     assert res.delta.numel() == 0 and res.baseline_scores.numel() == 0
 
 
+@pytest.mark.parametrize("chunk", [None, 6])
+def test_smoothgrad_is_saliency_averaged_over_seeded_noisy_copies(tiny_lens, chunk):
+    """SmoothGrad = mean over the noisy copies of |d logit / d pixels|, summed over channels; the copies are the
+    pixels plus N(0, (noise x pixel range)^2) drawn from `seed` (here drawn again by hand), in one pass or in chunks."""
+    lens = tiny_lens("clip")
+    inputs = sample_inputs("clip", lens, batch=2)
+    targets = torch.tensor([1, 0])
+    res = gradient_map(lens, inputs, targets, method="smoothgrad", samples=6, noise=0.2, seed=3,
+                       internal_batch_size=chunk)
+    pix = inputs["pixel_values"]
+    sd = 0.2 * float(pix.max() - pix.min())
+    torch.manual_seed(3)
+    draws = []
+    for _ in range(1 if chunk is None else 2):  # captum draws per partition of samples (6 // 2 images = 3 each)
+        n = 6 if chunk is None else 3
+        draws.append(pix.repeat_interleave(n, 0) + torch.normal(0, torch.full((2 * n, *pix.shape[1:]), sd)))
+    noisy = torch.cat([d.view(2, -1, *pix.shape[1:]) for d in draws], 1).reshape(12, *pix.shape[1:])
+    noisy = noisy.clone().requires_grad_()
+    logit = clip_logit(lens.model, inputs, targets.repeat_interleave(6))(noisy)
+    (g,) = torch.autograd.grad(logit.sum(), noisy)
+    want = g.abs().sum(1).view(2, 6, 32, 32).mean(1)
+    torch.testing.assert_close(res.maps[:, 0], want, atol=1e-6, rtol=1e-4)
+    again = gradient_map(lens, inputs, targets, method="smoothgrad", samples=6, noise=0.2, seed=3,
+                         internal_batch_size=chunk)
+    torch.testing.assert_close(again.maps, res.maps, rtol=0, atol=0)
+    assert res.meta["samples"] == 6 and res.meta["noise"] == 0.2
+    with pytest.raises(ValueError, match="samples must be an int >= 1"):
+        gradient_map(lens, inputs, targets, method="smoothgrad", samples=0)
+    with pytest.raises(ValueError, match="noise applies to method smoothgrad"):
+        gradient_map(lens, inputs, targets, method="saliency", noise=0.1)
+
+
+def test_smoothgrad_with_vanishing_noise_is_saliency_on_llava(tiny_lens):
+    """Each noisy copy is read at its own example's answer position (rows mapped back from NoiseTunnel's order)."""
+    lens = tiny_lens("llava")
+    inputs = sample_inputs("llava", lens, batch=2)
+    sal = gradient_map(lens, inputs, "red", method="saliency")
+    smooth = gradient_map(lens, inputs, "red", method="smoothgrad", samples=3, noise=1e-7)
+    torch.testing.assert_close(smooth.maps, sal.maps, atol=1e-5, rtol=1e-3)
+
+
 def test_saliency_on_llava_answer_logit(tiny_lens):
     lens = tiny_lens("llava")
     inputs = sample_inputs("llava", lens, batch=2)

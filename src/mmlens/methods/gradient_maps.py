@@ -3,6 +3,7 @@ pixels a CLIP / SigLIP image-text logit, or a VLM's answer logit, depends on.
 
     res = gradient_map(vlm, inputs, "red")                                    # IG, black baseline, 32 steps
     res = gradient_map(clip, inputs, 0, method="saliency")                    # |d logit / d pixels|
+    res = gradient_map(clip, inputs, 0, method="smoothgrad", samples=32)      # saliency averaged over noisy copies
     res = gradient_map(clip, inputs, 0, method="grad_cam", name="vision.blocks.2.resid_post")
     res = gradient_map(vlm, inputs, "red", method="occlusion")                # one window per patch
     res.maps; res.pointing_game(masks, "red"); res.delta                      # a MapResult; IG's completeness gap
@@ -34,7 +35,7 @@ from .relevancy import (Target, answer_positions, check_contrastive, contrastive
                         used_vision_blocks)
 from .result import provenance, require_family
 
-METHODS = ("integrated_gradients", "saliency", "grad_cam", "occlusion")
+METHODS = ("integrated_gradients", "saliency", "smoothgrad", "grad_cam", "occlusion")
 BASELINES = ("black", "zeros", "blur")
 
 
@@ -77,6 +78,16 @@ def _logit_fn(lens, prepared: dict, pos: Tensor | None, txt: Tensor | None
         return contrastive_logits(lens, img, txt)[rows, ids.to(pix.device).repeat(r)]
 
     return f
+
+
+def _example_major(fk: Callable[[Tensor], Tensor], b: int) -> Callable[[Tensor], Tensor]:
+    """`fk` (copies stacked copy-major, as IG and occlusion stack them) for NoiseTunnel's example-major stacking
+    (each example's noisy copies together): rows reordered in, and the logits back out."""
+    def g(x: Tensor) -> Tensor:
+        n = x.shape[0] // b
+        order = torch.arange(x.shape[0], device=x.device).view(b, n).T.reshape(-1)  # copy-major <- example-major
+        return fk(x[order])[torch.argsort(order)]
+    return g
 
 
 def _patch_size(lens) -> int | None:
@@ -132,19 +143,23 @@ def make_baseline(lens, pixel_values: Tensor, baseline, blur_sigma: float | None
 def gradient_map(lens, inputs: Mapping[str, Any], target=None, *, method: str = "integrated_gradients",
                  baseline=None, steps: int | None = None, name: str | None = None, window: int | None = None,
                  blur_sigma: float | None = None, internal_batch_size: int | None = None,
-                 position: str | int = "answer", images=None) -> GradientMapResult:
+                 position: str | int = "answer", images=None, samples: int | None = None,
+                 noise: float | None = None, seed: int = 0) -> GradientMapResult:
     """Pixel-space attribution of a target logit, through Captum, with pixel_values the only input varied.
 
     `target`, `position`: as in `relevancy` (a VLM's token id / word at the answer position, or a CLIP / SigLIP text
     index, string or embedding; None: the model's own answer / best text; a list: one map each).
     `method`: "integrated_gradients" (Sundararajan et al. 2017; `baseline` default 'black', `steps` default 32,
     Gauss-Legendre; maps at pixel resolution, signed), "saliency" (|d logit / d pixels| summed over channels, pixel
-    resolution), "grad_cam" (Selvaraju et al. 2017 on ViT tokens: relu(sum_d mean_tokens(grad_d) * act_d) over the
+    resolution), "smoothgrad" (Smilkov et al. 2017: the saliency map averaged over `samples` copies, default 16, of
+    the pixels plus Gaussian noise of std `noise` x the batch's pixel range, default 0.15; the paper's remedy for
+    saliency's speckle; `seed` fixes the draws), "grad_cam" (Selvaraju et al. 2017 on ViT tokens: relu(sum_d mean_tokens(grad_d) * act_d) over the
     patch tokens of site `name`, a (batch, seq, d) residual or block output of the vision tower or, for VLMs, of the
     LM at its image tokens; default: the input of CLIP / SigLIP's last block, the output of a VLM's last vision block
     that feeds the LM), "occlusion" (Zeiler & Fergus 2014: f(x) - f(x with one `window` x `window` square at the
     baseline), windows tiling the image, default one patch; maps on the window grid).
-    `internal_batch_size`: rows per forward for IG and occlusion (default: IG all steps at once, occlusion 64).
+    `internal_batch_size`: rows per forward for IG, SmoothGrad and occlusion (default: IG's steps and SmoothGrad's
+    samples all at once, occlusion 64).
     `images`: what to draw the maps over (default: pixel_values un-normalised).
     """
     require_family(lens, ("contrastive", "generative"), "gradient_map")
@@ -153,7 +168,8 @@ def gradient_map(lens, inputs: Mapping[str, Any], target=None, *, method: str = 
     for arg, val, owner in (("baseline", baseline, ("integrated_gradients", "occlusion")),
                             ("steps", steps, ("integrated_gradients",)), ("name", name, ("grad_cam",)),
                             ("window", window, ("occlusion",)), ("blur_sigma", blur_sigma, ("integrated_gradients",
-                                                                                            "occlusion"))):
+                                                                                            "occlusion")),
+                            ("samples", samples, ("smoothgrad",)), ("noise", noise, ("smoothgrad",))):
         if val is not None and method not in owner:
             raise ValueError(f"{arg} applies to method {' / '.join(owner)}, not {method!r}")
     if not isinstance(inputs, Mapping):
@@ -169,6 +185,12 @@ def gradient_map(lens, inputs: Mapping[str, Any], target=None, *, method: str = 
     n_steps = 32 if steps is None else steps
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"steps must be an int >= 1; got {steps!r:.40}")
+    n_samples = 16 if samples is None else samples
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"samples must be an int >= 1; got {samples!r:.40}")
+    sd_frac = 0.15 if noise is None else noise
+    if isinstance(sd_frac, bool) or not isinstance(sd_frac, (int, float)) or not sd_frac > 0:
+        raise ValueError(f"noise must be a number > 0 (a fraction of the pixel range); got {noise!r:.40}")
     w = window if window is not None else _patch_size(lens)
     if method == "occlusion":
         if w is None or isinstance(w, bool) or not isinstance(w, int) or w < 1:
@@ -225,6 +247,18 @@ def gradient_map(lens, inputs: Mapping[str, Any], target=None, *, method: str = 
                 from captum.attr import Saliency
 
                 maps.append(Saliency(fk).attribute(pix, abs=True).float().sum(1).cpu())
+            elif method == "smoothgrad":
+                from captum.attr import NoiseTunnel, Saliency
+
+                sd = float(sd_frac) * float(pix.max() - pix.min())
+                per = None if internal_batch_size is None else max(1, internal_batch_size // b)
+                with torch.random.fork_rng(devices=[pix.device] if pix.device.type == "cuda" else []):
+                    torch.manual_seed(seed)
+                    attr = NoiseTunnel(Saliency(_example_major(fk, b))).attribute(
+                        pix, nt_type="smoothgrad", nt_samples=n_samples,
+                        nt_samples_batch_size=per, stdevs=sd, abs=True)
+                maps.append(attr.float().sum(1).cpu())
+                extra.update(samples=n_samples, noise=float(sd_frac), seed=seed)
             elif method == "integrated_gradients":
                 from captum.attr import IntegratedGradients
 
