@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def dense_matryoshka_loss(sae, x, dead=None):
     """The objective written densely with autograd everywhere: sum over widths m of the MSE of
-    f[:, :m] @ W_dec[:m] + b_dec, plus the sparsity penalty (ReLU, JumpReLU) and AuxK on the whole SAE's residual."""
+    f[:, :m] @ W_dec[:m] + b_dec, plus the sparsity penalty (ReLU, JumpReLU) and AuxK on the whole SAE's residual
+    (matryoshka_aux: per level, the band's dead features on the error of the prefix ending with the band)."""
     cfg = sae.cfg
     target = x * sae.input_scale
     pre = (target - sae.b_dec) @ sae.W_enc + sae.b_enc
@@ -41,10 +42,17 @@ def dense_matryoshka_loss(sae, x, dead=None):
         t = sae.threshold
         f = K.JumpReLU.apply(pre, t, cfg.jumprelu_bandwidth)
         penalty = cfg.l0_coefficient * K.Step.apply(pre, t, cfg.jumprelu_bandwidth).sum(-1).mean()
-    loss = penalty
+    loss, lo = penalty, 0
     for m in cfg.matryoshka_widths:
         recon = f[:, :m] @ sae.W_dec[:m] + sae.b_dec
         loss = loss + (recon - target).pow(2).sum(-1).mean()
+        if cfg.matryoshka_aux and dead is not None:
+            band = torch.zeros_like(dead)
+            band[lo:m] = True
+            loss = loss + aux_reference(sae, pre, target, recon, dead & band)
+        lo = m
+    if cfg.matryoshka_aux:
+        return loss
     return loss + aux_reference(sae, pre, target, recon, dead)  # `recon` is now the whole SAE's
 
 
@@ -76,13 +84,17 @@ def test_prefix_decode_matches_dense_prefixes():
     assert got[1].abs().max() == 0  # the token with no entries
 
 
+@pytest.mark.parametrize("per_level", [False, True], ids=["aux", "matryoshka_aux"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
-def test_nested_loss_and_gradients_equal_the_dense_reference(arch):
+def test_nested_loss_and_gradients_equal_the_dense_reference(arch, per_level):
     cfg = SAEConfig(d_in=16, d_sae=96, architecture=arch, k=5, aux_k=12, dtype="float64", l1_coefficient=0.2,
-                    l0_coefficient=0.3, jumprelu_bandwidth=0.05, matryoshka_widths=[4, 20, 50, 96])
+                    l0_coefficient=0.3, jumprelu_bandwidth=0.05, matryoshka_widths=[4, 20, 50, 96],
+                    matryoshka_aux=per_level)
     sae, g = randomised(cfg)
     x = torch.randn(64, 16, generator=g, dtype=torch.float64)
     dead = torch.rand(96, generator=g) < 0.3
+    dead[:4] = False  # a level with no dead feature adds nothing
+    dead[20:23] = True  # fewer dead than aux_k in every band: each band's own scale
     for d in (None, dead):
         sae.zero_grad(set_to_none=True)
         out = losses(sae, x, d)
@@ -162,6 +174,11 @@ def test_config_validation(widths, match):
         SAEConfig(d_in=8, d_sae=32, matryoshka_widths=widths)
 
 
+def test_per_level_aux_needs_widths():
+    with pytest.raises(ValueError, match="matryoshka_aux=True is the per-level aux loss of a Matryoshka SAE"):
+        SAEConfig(d_in=8, d_sae=32, matryoshka_aux=True)
+
+
 def test_config_accepts_tuples_and_every_architecture():
     for arch in ("relu", "topk", "batchtopk", "jumprelu"):
         cfg = SAEConfig(d_in=8, d_sae=32, architecture=arch, k=2, matryoshka_widths=(4, 16, 32))
@@ -183,9 +200,14 @@ def test_save_load_and_saelens_keep_the_widths(tmp_path):
     doc = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     assert doc["architecture"] == "jumprelu" and "matryoshka_widths" not in doc
     assert doc["metadata"]["training_architecture"] == "matryoshka_batchtopk"
-    assert doc["metadata"]["training_architecture_details"] == {"k": 2, "matryoshka_widths": [3, 8, 20]}
+    assert doc["metadata"]["training_architecture_details"] == {"k": 2, "matryoshka_widths": [3, 8, 20],
+                                                                "use_matryoshka_aux_loss": False}
     sl = SAE.from_saelens(tmp_path / "sl")
     assert (sl.cfg.architecture, sl.cfg.k, sl.cfg.matryoshka_widths) == ("batchtopk", 2, [3, 8, 20])
+    per_level = SAE(SAEConfig(**{**cfg.__dict__, "matryoshka_aux": True}))
+    per_level.load_state_dict(sae.state_dict())
+    per_level.save_saelens(tmp_path / "sl_aux")
+    assert SAE.from_saelens(tmp_path / "sl_aux").cfg.matryoshka_aux is True and sl.cfg.matryoshka_aux is False
     torch.testing.assert_close(sl(x), sae(x), rtol=1e-5, atol=1e-5)
     # SAELens appends d_sae when the widths stop short of it; a broken detail is dropped with a warning
     for widths, want in (([3, 8], [3, 8, 20]), ([8, 3], None)):
@@ -213,7 +235,8 @@ from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingS
                                                     MatryoshkaBatchTopKTrainingSAEConfig)
 torch.manual_seed(0)
 sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(d_in=12, d_sae=20, k=3,
-                                                                          matryoshka_widths=[4, 10, 20]))
+                                                                          matryoshka_widths=[4, 10, 20],
+                                                                          use_matryoshka_aux_loss=True))
 with torch.no_grad():
     for p in sae.parameters():
         p.copy_(0.3 * torch.randn_like(p))
@@ -245,6 +268,7 @@ def test_we_read_a_real_saelens_matryoshka_sae(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     sae = SAE.from_saelens(tmp_path / "sl")
     assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.matryoshka_widths) == ("batchtopk", 3, [4, 10, 20])
+    assert sae.cfg.matryoshka_aux is True  # its use_matryoshka_aux_loss, a training detail
     io = load_file(str(tmp_path / "sl" / "io.safetensors"))
     torch.testing.assert_close(sae.encode(io["x"]), io["f"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae.decode(io["f"]), io["xhat"], rtol=1e-5, atol=1e-5)

@@ -164,10 +164,21 @@ def losses(sae, x: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
     if penalty is not None:
         loss = loss + penalty
     if dead is not None:
-        n_dead = int(dead.sum())
-        if n_dead > 0:
+        # (dead features, the error they reconstruct): the whole SAE's; or per Matryoshka level, the band's dead
+        # features and the error of the prefix that ends with the band (SAELens's use_matryoshka_aux_loss)
+        if nested and cfg.matryoshka_aux:
+            feature, bounds = torch.arange(m, device=dead.device), [0, *widths]
+            groups = [(dead & (feature >= lo) & (feature < hi), prefixes[:, j])
+                      for j, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+        else:
+            groups = [(dead, recon)]
+        auxes = []
+        for mask, rec in groups:
+            n_dead = int(mask.sum())
+            if n_dead == 0:
+                continue
             kk = min(cfg.aux_k, n_dead)
-            dead_idx = dead.nonzero().squeeze(1)
+            dead_idx = mask.nonzero().squeeze(1)
             if pre_dense is not None:
                 dv, di = pre_dense[:, dead_idx].topk(kk, dim=-1, sorted=False)
             else:
@@ -175,9 +186,11 @@ def losses(sae, x: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
             cols_a, off_a = dead_idx[di].reshape(-1), fixed_offsets(n, kk, x.device)
             e_hat = sparse_decode(sparse_encode(target, W_enc, b_enc, off_a, cols_a, dv.reshape(-1), shift=b_dec),
                                   off_a, cols_a, W_dec)
-            aux = (e_hat - (target - recon).detach()).pow(2).sum(-1).mean()
+            aux = (e_hat - (target - rec).detach()).pow(2).sum(-1).mean()
             loss = loss + cfg.aux_coefficient * min(n_dead / cfg.aux_k, 1.0) * aux
-            out["aux"] = aux.detach()
+            auxes.append(aux.detach())
+        if auxes:
+            out["aux"] = torch.stack(auxes).sum()
     out.update(loss=loss, mse=mse.detach(), recon=recon.detach(), target=target.detach())
     return out
 

@@ -58,6 +58,7 @@ def save_saelens(sae, folder: str | os.PathLike, *, model_name: str | None = Non
     if cfg.matryoshka_widths:  # training-only: SAELens's trainer records them the same way
         training = "matryoshka_" + training
         details["matryoshka_widths"] = list(cfg.matryoshka_widths)
+        details["use_matryoshka_aux_loss"] = bool(cfg.matryoshka_aux)
     metadata = {"sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": FORMAT_VERSION,
                 "hook_name": cfg.hook_name, "model_name": model_name, "written_by": f"mmlens {__version__}",
                 "training_architecture": training, "training_architecture_details": details}
@@ -137,7 +138,8 @@ def from_saelens(sae_cls, config_cls, folder: str | os.PathLike, *, hook_name: s
     if widths:  # training-only: kept so that fine-tuning goes on with the same nested loss
         widths = list(widths) + ([d_sae] if list(widths)[-1] != d_sae else [])  # SAELens appends d_sae too
         try:
-            cfg = config_cls(**kw, matryoshka_widths=widths)
+            cfg = config_cls(**kw, matryoshka_widths=widths,
+                             matryoshka_aux=bool(details.get("use_matryoshka_aux_loss", False)))
         except ValueError as e:
             warnings.warn(f"{folder}: ignoring its training detail matryoshka_widths ({e})")
     sae = sae_cls(cfg)

@@ -53,7 +53,8 @@ class SAEConfig:
     (linear warmup, cosine to 5%) or "constant" (after the warmup). `batch_threshold_lr`: the rate of BatchTopK's
     running mean of each batch's smallest kept activation. `matryoshka_widths`: [m_1 < ... < d_sae] trains a
     Matryoshka SAE (every architecture): each prefix of the features must reconstruct the input alone (training
-    only; `encode`/`decode` are unchanged). `hook_name`: the canonical site the SAE reads;
+    only; `encode`/`decode` are unchanged). `matryoshka_aux`: the aux loss per level instead, each band's dead
+    features reconstructing the error of their own prefix (SAELens's `use_matryoshka_aux_loss`). `hook_name`: the canonical site the SAE reads;
     `normalize`: "none" or "expected_norm" (see the module docstring); `dtype`: the parameters' dtype."""
 
     d_in: int
@@ -77,6 +78,7 @@ class SAEConfig:
     lr_schedule: str = "cosine"
     batch_threshold_lr: float = 0.01
     matryoshka_widths: list[int] | None = None
+    matryoshka_aux: bool = False
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -109,6 +111,9 @@ class SAEConfig:
                                  f"d_sae={self.d_sae}, e.g. [{max(1, self.d_sae // 16)}, {max(1, self.d_sae // 4)}, "
                                  f"{self.d_sae}]")
             self.matryoshka_widths = w
+        if self.matryoshka_aux and self.matryoshka_widths is None:
+            raise ValueError("matryoshka_aux=True is the per-level aux loss of a Matryoshka SAE: give "
+                             "matryoshka_widths too")
 
 
 class SAE(nn.Module):
