@@ -272,3 +272,62 @@ def test_we_read_a_real_saelens_matryoshka_sae(tmp_path):
     io = load_file(str(tmp_path / "sl" / "io.safetensors"))
     torch.testing.assert_close(sae.encode(io["x"]), io["f"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae.decode(io["f"]), io["xhat"], rtol=1e-5, atol=1e-5)
+
+
+SAELENS_AUX = r'''
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from safetensors.torch import save_file
+from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
+                                                    MatryoshkaBatchTopKTrainingSAEConfig)
+torch.manual_seed(0)
+sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+    d_in=12, d_sae=20, k=3, matryoshka_widths=[4, 10, 20], use_matryoshka_aux_loss=True, dtype="float64"))
+with torch.no_grad():
+    for p in sae.parameters():
+        p.copy_(0.3 * torch.randn_like(p))
+    sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))  # unit rows, as ours train: rescale_acts_by_decoder_norm
+x = torch.randn(32, 12, dtype=torch.float64)             # (SAELens's option for other norms) is then a no-op
+dead = torch.zeros(20, dtype=torch.bool)
+dead[[1, 5, 6, 7, 8, 12, 13, 14, 15, 16, 17, 18, 19]] = True
+acts, pre = sae.encode_with_hidden_pre(x)
+out = sae.decode(acts)
+aux = sae.calculate_matryoshka_aux_loss(sae_in=x, sae_out=out, feature_acts=acts, hidden_pre=pre,
+                                        dead_neuron_mask=dead)
+save_file({"x": x, "dead": dead, "aux": aux.reshape(1), "coef": torch.tensor([sae.cfg.aux_loss_coefficient]),
+           "acts": acts.contiguous(), "pre": pre.contiguous(), "out": out.contiguous(),
+           **{n: p.detach().contiguous() for n, p in sae.named_parameters()}}, sys.argv[1])
+'''
+
+
+def test_per_level_aux_equals_saelens(tmp_path):
+    """The per-level aux term (loss with dead features minus loss without) equals SAELens's
+    calculate_matryoshka_aux_loss on the same weights, batch and dead mask (aux_k = d_in // 2, as SAELens sets it)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    venv = Path(__file__).resolve().parents[3] / "saelens-venv" / "bin" / "python"
+    py = os.environ.get("MMLENS_SAELENS_PYTHON") or (sys.executable if importlib.util.find_spec("sae_lens") else
+                                                    str(venv) if venv.exists() else None)
+    if py is None:
+        pytest.skip("sae-lens not installed (set MMLENS_SAELENS_PYTHON to a python that has it)")
+    from safetensors.torch import load_file
+
+    res = subprocess.run([py, "-c", SAELENS_AUX, str(tmp_path / "aux.safetensors")], check=False, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    t = load_file(str(tmp_path / "aux.safetensors"))
+    cfg = SAEConfig(d_in=12, d_sae=20, architecture="batchtopk", k=3, matryoshka_widths=[4, 10, 20],
+                    matryoshka_aux=True, aux_k=6, aux_coefficient=float(t["coef"]), normalize="none", dtype="float64")
+    sae = SAE(cfg)
+    with torch.no_grad():
+        for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, n).copy_(t[n])
+    with torch.no_grad():
+        ours = losses(sae, t["x"], t["dead"])["loss"] - losses(sae, t["x"], None)["loss"]
+    assert float(t["aux"]) > 0
+    torch.testing.assert_close(ours, t["aux"][0], rtol=1e-9, atol=1e-12)
