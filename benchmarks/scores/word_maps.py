@@ -93,6 +93,11 @@ def score(per_prompt: int = 2, steps: int = 25) -> list[dict]:
            line("word_maps", "diffusion", "shape_word_pointing_game", shape_hit, None, source=src),
            line("word_maps", "diffusion", "colour_word_pointing_game", colour_hit, None, source=src),
            line("word_maps", "diffusion", "chance_iou", chance, None, source="mask area / image area")]
+    val = run(mode="value")
+    for slot, word in ((2, "shape"), (1, "colour")):
+        out.append(line("word_maps", "diffusion", f"{word}_word_miou_value_weighted", _scores(val, masks, ok, slot)[0],
+                        None, n=int(ok.sum()), source=src + "; reported, no bar: mode='value', each head's attention "
+                        "weighted by ||W_O^h v|| of the token (Kobayashi et al. 2020), same images"))
     pairs = pair_prompts(len(prompts), SEED + 96_000)
     pr = pair_scores(word_maps(sd, pairs, generator=torch.Generator().manual_seed(SEED + 97_000), **kw))
     psrc = (f"two-object prompts 'a {{colour}} {{shape}} and a {{colour}} {{shape}}': each object word against the "

@@ -64,6 +64,40 @@ def test_subsets_of_steps_heads_and_sites(tiny_lens):
     assert res.steps == [1]
 
 
+@pytest.mark.parametrize("name", ["sd", "pixart"])
+def test_value_weighted_maps_equal_hand_weighting(tiny_lens, name):
+    """mode='value': every head's attention to a token times ||W_O^h v_h(token)||, from the cached values and the
+    output projection's weight by hand (one site, one step, heads 0 and 1)."""
+    lens = tiny_lens(name)
+    (site,) = lens.hook_points("*.cross.pattern")[:1]
+    block = site.rsplit(".", 1)[0]
+    kw = dict(KW, guidance_scale=1.0, **({"use_resolution_binning": False} if name == "pixart" else {}))
+    res = word_maps(lens, "a red square", ["red", "square"], names=site, steps=[1], heads=[0, 1], mode="value",
+                    generator=_gen(), **kw)
+    gen_kw = dict(kw, **({"clean_caption": False} if name == "pixart" else {}))
+    _, cache = lens.generate("a red square", names=[site, block + ".v"], generator=_gen(), progress=False,
+                             output_type="np", **gen_kw)
+    a = cache.get(site, step=1).float()[:, :2]  # (b, heads 0-1, q, k)
+    v = cache.get(block + ".v", step=1).float()  # (b, k, heads, d_head)
+    w = lens.sites[block + ".out"].module.weight.detach().float()  # (d_model, heads * d_head)
+    norms = torch.stack([(v[:, :, h] @ w[:, h * v.shape[-1]:(h + 1) * v.shape[-1]].T).norm(dim=-1)
+                         for h in range(2)], 1)  # (b, 2, k)
+    weighted = (a * norms[:, :, None, :]).sum(1)  # (b, q, k)
+    plain = word_maps(lens, "a red square", ["red", "square"], names=site, steps=[1], heads=[0, 1],
+                      generator=_gen(), **kw)
+    side = int(a.shape[2] ** 0.5)
+    assert (plain.maps.flatten(2) != 0).any(-1).all()  # both words have tokens
+    tok = lens.model.tokenizer
+    max_len = tok.model_max_length if name == "sd" else 120
+    for j, word in enumerate(["red", "square"]):
+        p = _token_positions(tok, "a red square", word, max_len)
+        want = weighted[:, :, p].sum(-1).reshape(1, side, side)
+        torch.testing.assert_close(res.maps[:, j], want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(res.maps, plain.maps)
+    with pytest.raises(ValueError, match="mode='value' weights cross-attention"):
+        word_maps(tiny_lens("sd3"), "a red square", mode="value", **KW)
+
+
 def test_heads_chosen_per_site(tiny_lens):
     """heads={site: [...]}: the sum of each site's own head subset, equal to separate runs added up."""
     lens = tiny_lens("sd")

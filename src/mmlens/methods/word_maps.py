@@ -27,7 +27,7 @@ from ._denoising import Denoising
 from .maps import MapResult, images_uint8, normalise, upsample
 from .result import provenance, require_family
 
-MODES = ("pattern", "output")
+MODES = ("pattern", "value", "output")
 _WORD = re.compile(r"[\w'-]+")
 
 
@@ -112,7 +112,7 @@ def _default_names(lens, mode: str) -> str:
         return "dit.blocks.*.joint.pattern" if mode == "pattern" else "dit.blocks.*.joint.z"
     if mode == "output":
         raise ValueError(f"mode='output' (ConceptAttention) needs joint attention (SD3); {lens.architecture} has "
-                         "cross-attention: use mode='pattern'")
+                         "cross-attention: use mode='pattern' or 'value'")
     return "dit.blocks.*.cross.pattern" if lens.architecture == "pixart" else "unet.*.cross.pattern"
 
 
@@ -130,6 +130,9 @@ def word_maps(lens, prompt: str | Sequence[str], words: Sequence[str] | None = N
     dict site (name or glob) -> head indices that chooses heads per site, the sites being its keys (then leave
     `names` out): on the diffusion organism one head of one layer localises the shape word at ~0.5 mIoU while the
     sum over every head (DAAM's default) gives ~0.26 (benchmarks/scores/word_maps.py).
+    `mode="value"` (cross-attention: UNets, PixArt): each head's attention to a token weighted by the norm of what
+    that token writes through the head, ||W_O^h v_h(token)|| (Kobayashi et al. 2020, "Attention is not only a
+    weight"): heads and tokens that attend but write little (padding, end-of-text) count for less.
     `mode="output"` (SD3): ConceptAttention's map, softmax over text tokens of image-token . text-token attention
     outputs (`dit.blocks.*.joint.z` with the paired `joint.context_z`; a block without a text output is skipped).
     `image` (+ `strength`): img2img on an existing image (the pipeline is re-used through diffusers' `from_pipe`).
@@ -167,6 +170,9 @@ def word_maps(lens, prompt: str | Sequence[str], words: Sequence[str] | None = N
         names, heads = list(per_site), None
     sites = lens.resolve(names if names is not None else _default_names(lens, mode), arg="names")
     want = "z" if mode == "output" else "pattern"
+    if mode == "value" and lens.architecture == "sd3":
+        raise ValueError("mode='value' weights cross-attention by its value norms; SD3's joint attention: use "
+                         "mode='pattern' or 'output'")
     bad = [n for n in sites if not n.endswith("." + want) or (".self." in n)]
     if bad:
         raise ValueError(f"names: {bad[:3]} are not {'joint-attention z' if want == 'z' else 'cross/joint attention pattern'} "
@@ -212,8 +218,19 @@ def word_maps(lens, prompt: str | Sequence[str], words: Sequence[str] | None = N
             raise ValueError(f"heads={chosen} at {site}: the attention has {x.shape[dim]} heads")
         return x.index_select(dim, torch.tensor(chosen, device=x.device))
 
+    def on_value(value: Tensor, ctx):
+        """(batch, keys, heads, d_head) values -> pending (batch, heads, keys) norms of W_O^h v for the pattern."""
+        pattern = ctx.name.rsplit(".", 1)[0] + ".pattern"
+        out = lens.sites[pattern.rsplit(".", 1)[0] + ".out"].module  # W_O: attention output -> residual
+        v = _cond(value, ctx).float()
+        w = out.weight.detach().float().view(out.weight.shape[0], v.shape[2], v.shape[3])  # (d_model, heads, d_head)
+        pending[(pattern, "norms")] = torch.einsum("bthd,mhd->bthm", v, w).norm(dim=-1).transpose(1, 2)
+
     def on_pattern(value: Tensor, ctx):
-        a = heads_of(_cond(value, ctx), 1, ctx.name).sum(1)  # (batch, queries, keys)
+        a = _cond(value, ctx)
+        if mode == "value":
+            a = a * pending.pop((ctx.name, "norms")).to(a.device, a.dtype)[:, :, None, :]
+        a = heads_of(a, 1, ctx.name).sum(1)  # (batch, queries, keys)
         if lens.architecture == "sd3":
             n_img = _image_tokens(lens, height, width)
             a = a[:, :n_img, n_img:]
@@ -233,6 +250,9 @@ def word_maps(lens, prompt: str | Sequence[str], words: Sequence[str] | None = N
 
     if mode == "pattern":
         hooks = {n: on_pattern for n in sites}
+    elif mode == "value":
+        hooks = {n: on_pattern for n in sites}
+        hooks.update({n.rsplit(".", 1)[0] + ".v": on_value for n in sites})
     else:
         paired = [n for n in sites if n.rsplit(".", 1)[0] + ".context_z" in lens.sites]
         hooks = {n: lambda v, ctx: pair(v, ctx, "image") for n in paired}
