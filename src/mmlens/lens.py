@@ -16,7 +16,7 @@ from .hooks.cache import ActivationCache
 from .hooks.checks import (check_cache_options, check_grad, check_hook_map, check_model_inputs, check_pipeline_kwargs,
                            check_steps, default_guidance, default_steps, reject_unknown)
 from .hooks.context import HookContext
-from .hooks.names import natural_sorted, resolve
+from .hooks.names import ALIASES, natural_sorted, resolve
 from .hooks.session import HookFn, HookSession
 from .hooks.sites import Site, expand
 from .hooks.steps import StepCache
@@ -64,6 +64,7 @@ class Lens:
         self.sites: dict[str, Site] = expand(adapter.rows(), adapter.root())
         self._names = natural_sorted(self.sites)
         self._name_set = frozenset(self._names)
+        self._resolved: dict[str | tuple[str, ...], tuple[str, ...]] = {}
         denoiser = getattr(adapter, "denoiser", None)
         self._steps = StepTracker(model, denoiser) if denoiser is not None else None
         self._guard = guard_for(model)
@@ -81,7 +82,7 @@ class Lens:
         """Every canonical name (natural order), or those matching a glob."""
         if pattern is None:
             return list(self._names)
-        return resolve(pattern, self._names, where=self._table_file(), valid_set=self._name_set)
+        return resolve(pattern, self._names, where=self._table_file(), valid_set=self._name_set, ordered=True)
 
     def describe(self) -> str:
         """Hook points folded by block index: `vision.blocks.{0..23}.resid_post`."""
@@ -103,7 +104,15 @@ class Lens:
         UnknownNameError listing the closest valid names."""
         if names is None:
             return [n for n in self._names if self.sites[n].row.read != "pattern"]
-        return resolve(names, self._names, where=self._table_file(), valid_set=self._name_set, arg=arg)
+        key = names if isinstance(names, str) else tuple(names) if isinstance(names, (list, tuple)) and all(
+            isinstance(n, str) for n in names) else None
+        if key is not None and key in self._resolved:  # the sites never change: a pattern resolves once
+            return list(self._resolved[key])
+        out = resolve(names, self._names, where=self._table_file(), valid_set=self._name_set, arg=arg, ordered=True)
+        if key is not None and len(self._resolved) < 4096 and not any(
+                p.endswith(old) for p in ((key,) if isinstance(key, str) else key) for old, _ in ALIASES):
+            self._resolved[key] = tuple(out)  # (an alias is resolved every time, so its warning is never lost)
+        return out
 
     def _table_file(self) -> str:
         return f"the name table in {type(self.adapter).__module__.replace('.', '/')}.py"

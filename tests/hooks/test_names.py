@@ -115,3 +115,26 @@ def test_towers_alone(tiny_folder, tmp_path, cls, prefix):
     out, cache = lens.run_with_cache(kw, names=f"{prefix}blocks.*.resid_post")
     ref = lens.model(**kw, output_hidden_states=True).hidden_states
     __import__("torch").testing.assert_close(cache[f"{prefix}blocks.1.resid_post"], ref[2])
+
+
+def test_a_pattern_resolves_once_per_lens(tiny_lens, monkeypatch):
+    """The sites never change, so `lens.resolve` keeps each pattern's names (a glob over every hook point, re-sorted,
+    cost ~2 ms a call at LLaVA-7B's 650 names); callers get their own list; an alias still warns every time."""
+    import mmlens.lens
+
+    lens = tiny_lens("llava")
+    first = lens.resolve("lm.blocks.*.resid_post")
+    calls = []
+    real = mmlens.lens.resolve
+    monkeypatch.setattr(mmlens.lens, "resolve", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    again = lens.resolve("lm.blocks.*.resid_post")
+    assert again == first and calls == []
+    again.append("junk")
+    assert lens.resolve("lm.blocks.*.resid_post") == first
+    assert lens.resolve(["lm.blocks.0.resid_post", "lm.blocks.*.attn.pattern"]) == \
+        ["lm.blocks.0.resid_post", *lens.hook_points("lm.blocks.*.attn.pattern")]
+    for _ in range(2):
+        with pytest.warns(FutureWarning, match="alias"):
+            assert lens.resolve("lm.blocks.0.attn.probs") == ["lm.blocks.0.attn.pattern"]
+    with pytest.raises(mmlens.errors.UnknownNameError):
+        lens.resolve("lm.blocks.*.nonsense")

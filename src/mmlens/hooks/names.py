@@ -61,16 +61,16 @@ def _unalias(pattern: str) -> str:
 
 
 def resolve(patterns: str | Iterable[str], valid: Iterable[str], where: str = "",
-            valid_set: set[str] | frozenset[str] | None = None, arg: str = "names") -> list[str]:
+            valid_set: set[str] | frozenset[str] | None = None, arg: str = "names", ordered: bool = False) -> list[str]:
     """Expand names and globs (`lm.blocks.*.resid_post`) against `valid`; unknown names raise UnknownNameError.
 
-    Glob hits come in natural order (`blocks.2` before `blocks.10`).
+    Glob hits come in natural order (`blocks.2` before `blocks.10`); `ordered`: `valid` is already in that order.
     """
     patterns = as_patterns(patterns, arg)
     valid_set = set(valid) if valid_set is None else valid_set
     if all(p in valid_set for p in patterns):  # the hot path: exact names
         return list(dict.fromkeys(patterns))
-    valid = natural_sorted(valid)
+    valid = list(valid) if ordered else natural_sorted(valid)
     out: list[str] = []
     for pat in patterns:
         if pat in valid_set:
