@@ -2,9 +2,9 @@
 
 The demo touches most of the library (hook layer, read-outs, patching, knockout, steering, TextSpan, SpLiCE,
 dissection, relevancy, gradient maps, word maps, the activation store and SAEs) on the three organisms, so this is
-the quickest way to see what breaks off CPU float32; `sae_fit` trains every SAE architecture on the device, and
-`example:<name>` runs each of examples/ with the organisms loaded there. One JSON line per section (ok, seconds, the error's last
-traceback lines), then a summary line; exit status 1 if any section failed.
+the quickest way to see what breaks off CPU float32. `sae_fit` trains every SAE architecture on the device, and
+`example:<name>` runs each of examples/ with the organisms loaded there. One JSON line per section (ok, seconds, the
+error's last traceback lines), then a summary line; exit status 1 if any section failed.
 
     python scripts/device_check.py --device cuda --dtype bfloat16
     python scripts/device_check.py --dtype bfloat16 --only generative,causal     # CPU, a subset
