@@ -255,13 +255,15 @@ def test_sd_loads_saved_weights_and_runs(tiny_folder, torch_loads):
     assert torch_loads == []
 
 
+@pytest.mark.parametrize("value", [torch.bfloat16, "bfloat16"])
 @pytest.mark.parametrize("name, key", [("clip", "dtype"), ("clip", "torch_dtype"), ("sd", "dtype"),
                                        ("sd", "torch_dtype")])
-def test_dtype_and_torch_dtype_load_either_library(tiny_folder, name, key):
+def test_dtype_and_torch_dtype_load_either_library(tiny_folder, name, key, value):
     """`dtype` and `torch_dtype` mean the same for transformers models and diffusers pipelines (each library
-    knows one of them), and the weights are the saved ones cast."""
+    knows one of them), as a torch dtype or its name (diffusers silently ignored a name), and the weights are the
+    saved ones cast."""
     folder = tiny_folder(name)
-    lens = mmlens.load(folder, **{key: torch.bfloat16})
+    lens = mmlens.load(folder, **{key: value})
     module = lens.model if name == "clip" else lens.model.unet
     assert lens.dtype == torch.bfloat16 and {p.dtype for p in module.parameters()} == {torch.bfloat16}
     saved = load_file(folder / ("model.safetensors" if name == "clip" else "unet/diffusion_pytorch_model.safetensors"))
@@ -270,6 +272,8 @@ def test_dtype_and_torch_dtype_load_either_library(tiny_folder, name, key):
     torch.testing.assert_close(state[key0], saved[key0].to(torch.bfloat16), rtol=0, atol=0)
     with pytest.raises(ValueError, match="dtype= or torch_dtype=, not both"):
         mmlens.load(folder, dtype=torch.float32, torch_dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype='bf16': not a torch dtype name"):
+        mmlens.load(folder, dtype="bf16")
 
 
 def test_device_moves_the_model_and_conflicts_with_device_map(tiny_folder, monkeypatch):

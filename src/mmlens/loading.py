@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .checkpoints import check_weights, read_config
@@ -125,6 +126,12 @@ def _load(path_or_model: str | os.PathLike | Any, processor: Any, kwargs: dict) 
             ("torch_dtype", "dtype")
         if other in kwargs:  # the installed library's name for it
             kwargs[want] = kwargs.pop(other)
+        if isinstance(kwargs.get(want), str) and kwargs[want] != "auto":  # diffusers ignores a name: a torch dtype
+            name = kwargs[want].replace("torch.", "")
+            if not isinstance(getattr(torch, name, None), torch.dtype):
+                raise ValueError(f"dtype={kwargs[want]!r}: not a torch dtype name (e.g. 'bfloat16', 'float16', "
+                                 "'float32') or 'auto'")
+            kwargs[want] = getattr(torch, name)
         if lib == "diffusers":
             model = _load_pipeline(folder, class_name, dict(kwargs))
         else:
