@@ -38,7 +38,8 @@ def _lines(organism: str, results: dict, masks: np.ndarray, n: int, what: str) -
     area = float(masks.mean())
     out = []
     src = ("Chefer et al. 2021, Abnar & Zuidema 2020, Simonyan et al. 2014, Smilkov et al. 2017, Sundararajan et al. "
-           "2017, Selvaraju et al. 2017, Zeiler & Fergus 2014: a map of the answer's logit should point at the evidence; here " + what)
+           "2017, Selvaraju et al. 2017, Zeiler & Fergus 2014: a map of the answer's logit should point at the "
+           "evidence; here " + what)
     for method, res in results.items():
         tech = "relevancy" if method in ("chefer", "rollout") else "gradient_map"
         hit = res.pointing_game(masks, 0).float().mean().item()

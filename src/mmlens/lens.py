@@ -64,7 +64,7 @@ class Lens:
         self.sites: dict[str, Site] = expand(adapter.rows(), adapter.root())
         self._names = natural_sorted(self.sites)
         self._name_set = frozenset(self._names)
-        self._resolved: dict[str | tuple[str, ...], tuple[str, ...]] = {}
+        self._resolved: dict[tuple[str, ...], tuple[str, ...]] = {}
         denoiser = getattr(adapter, "denoiser", None)
         self._steps = StepTracker(model, denoiser) if denoiser is not None else None
         self._guard = guard_for(model)
@@ -104,14 +104,15 @@ class Lens:
         UnknownNameError listing the closest valid names."""
         if names is None:
             return [n for n in self._names if self.sites[n].row.read != "pattern"]
-        key = names if isinstance(names, str) else tuple(names) if isinstance(names, (list, tuple)) and all(
-            isinstance(n, str) for n in names) else None
+        key = (names,) if isinstance(names, str) else tuple(names) if isinstance(names, (list, tuple)) else None
+        if key is not None and not all(isinstance(p, str) for p in key):
+            key = None  # resolve names what is wrong with it
         if key is not None and key in self._resolved:  # the sites never change: a pattern resolves once
             return list(self._resolved[key])
         out = resolve(names, self._names, where=self._table_file(), valid_set=self._name_set, arg=arg, ordered=True)
-        if key is not None and len(self._resolved) < 4096 and not any(
-                p.endswith(old) for p in ((key,) if isinstance(key, str) else key) for old, _ in ALIASES):
-            self._resolved[key] = tuple(out)  # (an alias is resolved every time, so its warning is never lost)
+        # (an alias resolves every time, so its warning is never lost)
+        if key is not None and len(self._resolved) < 4096 and not any(p.endswith(a) for p in key for a, _ in ALIASES):
+            self._resolved[key] = tuple(out)
         return out
 
     def _table_file(self) -> str:

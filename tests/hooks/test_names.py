@@ -138,3 +138,9 @@ def test_a_pattern_resolves_once_per_lens(tiny_lens, monkeypatch):
             assert lens.resolve("lm.blocks.0.attn.probs") == ["lm.blocks.0.attn.pattern"]
     with pytest.raises(mmlens.errors.UnknownNameError):
         lens.resolve("lm.blocks.*.nonsense")
+
+
+def test_malformed_names_still_get_the_named_error(tiny_lens):
+    lens = tiny_lens("llava")
+    with pytest.raises(TypeError, match="must hold strings"):
+        lens.resolve(["lm.blocks.0.resid_post", ["lm.blocks.1.resid_post"]])

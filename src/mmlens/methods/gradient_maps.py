@@ -153,8 +153,8 @@ def gradient_map(lens, inputs: Mapping[str, Any], target=None, *, method: str = 
     Gauss-Legendre; maps at pixel resolution, signed), "saliency" (|d logit / d pixels| summed over channels, pixel
     resolution), "smoothgrad" (Smilkov et al. 2017: the saliency map averaged over `samples` copies, default 16, of
     the pixels plus Gaussian noise of std `noise` x the batch's pixel range, default 0.15; the paper's remedy for
-    saliency's speckle; `seed` fixes the draws), "grad_cam" (Selvaraju et al. 2017 on ViT tokens: relu(sum_d mean_tokens(grad_d) * act_d) over the
-    patch tokens of site `name`, a (batch, seq, d) residual or block output of the vision tower or, for VLMs, of the
+    saliency's speckle; `seed` fixes the draws), "grad_cam" (Selvaraju et al. 2017 on ViT tokens:
+    relu(sum_d mean_tokens(grad_d) * act_d) over the patch tokens of site `name`, a (batch, seq, d) residual or block output of the vision tower or, for VLMs, of the
     LM at its image tokens; default: the input of CLIP / SigLIP's last block, the output of a VLM's last vision block
     that feeds the LM), "occlusion" (Zeiler & Fergus 2014: f(x) - f(x with one `window` x `window` square at the
     baseline), windows tiling the image, default one patch; maps on the window grid).
@@ -239,6 +239,7 @@ def gradient_map(lens, inputs: Mapping[str, Any], target=None, *, method: str = 
         with torch.no_grad():
             bl_scores = torch.stack([f(base, t, i) for t, i in zip(targets, ids)], 1).float().cpu()
         extra["baseline"] = baseline if isinstance(baseline, str) else "black" if baseline is None else "tensor"
+    noise_sd = float(sd_frac) * float(pix.max() - pix.min()) if method == "smoothgrad" else None
     maps, deltas = [], []
     with _frozen(lens.model):
         for t, i in zip(targets, ids):
@@ -250,13 +251,12 @@ def gradient_map(lens, inputs: Mapping[str, Any], target=None, *, method: str = 
             elif method == "smoothgrad":
                 from captum.attr import NoiseTunnel, Saliency
 
-                sd = float(sd_frac) * float(pix.max() - pix.min())
                 per = None if internal_batch_size is None else max(1, internal_batch_size // b)
                 with torch.random.fork_rng(devices=[pix.device] if pix.device.type == "cuda" else []):
                     torch.manual_seed(seed)
                     attr = NoiseTunnel(Saliency(_example_major(fk, b))).attribute(
                         pix, nt_type="smoothgrad", nt_samples=n_samples,
-                        nt_samples_batch_size=per, stdevs=sd, abs=True)
+                        nt_samples_batch_size=per, stdevs=noise_sd, abs=True)
                 maps.append(attr.float().sum(1).cpu())
                 extra.update(samples=n_samples, noise=float(sd_frac), seed=seed)
             elif method == "integrated_gradients":

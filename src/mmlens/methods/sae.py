@@ -54,8 +54,8 @@ class SAEConfig:
     running mean of each batch's smallest kept activation. `matryoshka_widths`: [m_1 < ... < d_sae] trains a
     Matryoshka SAE (every architecture): each prefix of the features must reconstruct the input alone (training
     only; `encode`/`decode` are unchanged). `matryoshka_aux`: the aux loss per level instead, each band's dead
-    features reconstructing the error of their own prefix (SAELens's `use_matryoshka_aux_loss`). `hook_name`: the canonical site the SAE reads;
-    `normalize`: "none" or "expected_norm" (see the module docstring); `dtype`: the parameters' dtype."""
+    features reconstructing the error of their own prefix (SAELens's `use_matryoshka_aux_loss`). `hook_name`: the
+    canonical site the SAE reads; `normalize`: "none" or "expected_norm" (see the module docstring); `dtype`: the parameters' dtype."""
 
     d_in: int
     d_sae: int

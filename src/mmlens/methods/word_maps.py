@@ -220,11 +220,11 @@ def word_maps(lens, prompt: str | Sequence[str], words: Sequence[str] | None = N
 
     def on_value(value: Tensor, ctx):
         """(batch, keys, heads, d_head) values -> pending (batch, heads, keys) norms of W_O^h v for the pattern."""
-        pattern = ctx.name.rsplit(".", 1)[0] + ".pattern"
-        out = lens.sites[pattern.rsplit(".", 1)[0] + ".out"].module  # W_O: attention output -> residual
+        block = ctx.name.rsplit(".", 1)[0]
+        out = lens.sites[block + ".out"].module.weight  # W_O: attention output -> residual
         v = _cond(value, ctx).float()
-        w = out.weight.detach().float().view(out.weight.shape[0], v.shape[2], v.shape[3])  # (d_model, heads, d_head)
-        pending[(pattern, "norms")] = torch.einsum("bthd,mhd->bthm", v, w).norm(dim=-1).transpose(1, 2)
+        w = out.detach().float().view(out.shape[0], v.shape[2], v.shape[3])  # (d_model, heads, d_head)
+        pending[(block + ".pattern", "norms")] = torch.einsum("bthd,mhd->bthm", v, w).norm(dim=-1).transpose(1, 2)
 
     def on_pattern(value: Tensor, ctx):
         a = _cond(value, ctx)
