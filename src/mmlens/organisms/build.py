@@ -31,7 +31,9 @@ DATA = {
                  "4,000 two-object scenes with 'a {colour} {shape} and a {colour} {shape}' in random object order, "
                  "half the batch each (10% empty for guidance). A tiny AutoencoderKL (2x, 4 latent channels, MSE) trained first; then "
                  "the UNet (convolutions at 16x16, attention at 8x8) with x0-prediction on its latents, conditioned on "
-                 "the clip organism's text tower, fine-tuned with it at 0.3x the learning rate. Evaluated with DDIM 25 steps, guidance 1.5.",
+                 "the clip organism's text tower, fine-tuned with it at 0.3x the learning rate, plus a grounding loss "
+                 "(weight 0.1) that puts each colour and shape word's cross-attention on its object's cells and spreads "
+                 "it over them (TokenCompose-style). Evaluated with DDIM 25 steps, guidance 1.5.",
 }
 
 
