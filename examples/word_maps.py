@@ -3,9 +3,10 @@ scored against the object the world's judge finds, over all sites and for each s
 
     .venv/bin/python examples/word_maps.py
 
-On this organism the maps localise weakly (shape word mIoU ~0.15 where chance is ~0.10): trained on single objects,
-its UNet has no reason to route a word to the object's pixels, since every text token from the colour word on
-carries the whole prompt. The per-site lines show which layer comes closest.
+The organism is trained with a grounding loss that puts each colour and shape word's cross-attention on its
+object (a planted mechanism, see `mmlens.organisms.diffusion`), so the maps should find the object: the shape word's
+mIoU is ~0.75 over all sites (DDIM 25 steps), where marking the whole image would score the object's area, ~0.09.
+Each site alone comes close to the sum.
 """
 
 from __future__ import annotations

@@ -161,12 +161,13 @@ def test_diffusion_attribution_example(capsys):
 
 @pytest.mark.skipif("diffusion" not in available(), reason="needs the shipped diffusion organism")
 def test_word_maps_example(capsys):
-    """Maps for every prompt and site; the shape word's map overlaps the judged object at least as well as marking
-    the whole image (chance), and the segmentation labels each pixel with a prompt word or background."""
+    """Maps for every prompt and site; the shape word's map overlaps the judged object far better than marking the
+    whole image (chance: the organism's cross-attention is trained to carry the layout), and the segmentation labels
+    each pixel with a prompt word or background."""
     result = runpy.run_path(str(EXAMPLES / "word_maps.py"))["main"](steps=10)
     res = result["result"]
     assert res.maps.shape[:2] == (8, len(res.labels)) and len(result["per_site"]) == 4
-    assert result["miou"] >= result["chance"] and 0 < result["chance"] < 0.5
+    assert result["miou"] >= 0.5 > result["chance"] > 0
     seg = result["segmentation"]
     assert seg.shape == (8, 32, 32) and seg.min() >= -1 and seg.max() < len(res.labels)
     assert "shape word mIoU over all sites" in capsys.readouterr().out
