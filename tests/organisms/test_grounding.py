@@ -17,6 +17,12 @@ def unet():
     return diffusion.make_unet(cross_dim=32).eval()
 
 
+def _restored(unet) -> bool:
+    """Every cross-attention back on diffusers' default SDPA processor, without the method override."""
+    return all(type(m.processor).__name__ == "AttnProcessor2_0" and "get_attention_scores" not in m.__dict__
+               for n, m in unet.named_modules() if n.endswith("attn2"))
+
+
 def _inputs(batch=2):
     g = torch.Generator().manual_seed(1)
     return (torch.randn(batch, 4, 16, 16, generator=g), torch.tensor([10, 700]),
@@ -46,16 +52,14 @@ def test_kept_probabilities_equal_a_plain_softmax_and_leave_the_output_alone(une
         assert p.shape == (2, m.heads, 64, 16)
         torch.testing.assert_close(p, ref, atol=1e-5, rtol=1e-5)
     # the default processors are back (SDPA: no probabilities formed) and the method override is gone
-    assert all(type(m.processor).__name__ == "AttnProcessor2_0" and "get_attention_scores" not in m.__dict__
-               for n, m in unet.named_modules() if n.endswith("attn2"))
+    assert _restored(unet)
 
 
 def test_processors_are_restored_when_the_forward_raises(unet):
     x, t, text = _inputs()
     with pytest.raises(RuntimeError), diffusion.cross_attention_probs(unet):
         unet(x, t, encoder_hidden_states=text[..., :5])  # wrong text width
-    assert all(type(m.processor).__name__ == "AttnProcessor2_0" and "get_attention_scores" not in m.__dict__
-               for n, m in unet.named_modules() if n.endswith("attn2"))
+    assert _restored(unet)
 
 
 def test_grounding_loss_by_hand():

@@ -191,6 +191,11 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
     single_cells, pair_cells = object_cells(scenes)[:, 0], object_cells(pair_scenes)
     first, second = torch.zeros(16, dtype=torch.bool), torch.zeros(16, dtype=torch.bool)
     first[[2, 3]], second[[6, 7]] = True, True
+    if hp["ground"] and len(captions) > empty + 1:  # the word-level tokenizer: <s> a red square and a blue circle
+        words = captions[empty + 1].split()
+        want = tok.convert_tokens_to_ids([words[i] for i in (1, 2, 5, 6)])
+        if text["input_ids"][empty + 1, [2, 3, 6, 7]].tolist() != want:
+            raise ValueError("the grounding loss needs one token per word after <s>; this tokenizer splits them")
 
     def step_fn(step: int) -> torch.Tensor:
         rng = np.random.RandomState(hp["seed"] * 7919 + step)
