@@ -148,11 +148,37 @@ def clip_colour_rows() -> tuple[dict, ...]:
                             "colour", 0.95, c["src"]))
 
 
+def cone_residuals(acts: torch.Tensor, labels: np.ndarray, concepts) -> dict[str, float]:
+    """Per concept: how far its centroid (its tokens' mean minus the unlabelled tokens' mean) lies from the cone of
+    the other concepts' centroids, as ||c - A w|| / ||c|| with w >= 0 (projected-gradient non-negative least
+    squares). Near 0: a sparse code with a linear decoder can write the concept as a mix of the others' features,
+    so nothing pushes it to learn one of its own."""
+    base = acts[torch.from_numpy(labels == "")].double().mean(0)
+    cent = {c: acts[torch.from_numpy(labels == c)].double().mean(0) - base for c in concepts}
+    out = {}
+    for c in concepts:
+        A = torch.stack([cent[o] for o in concepts if o != c], 1)
+        w = torch.zeros(A.shape[1], dtype=torch.float64)
+        step = 1 / torch.linalg.matrix_norm(A, 2) ** 2
+        for _ in range(5000):
+            w = (w - step * A.T @ (A @ w - cent[c])).clamp_min(0)
+        out[c] = float((A @ w - cent[c]).norm() / cent[c].norm())
+    return out
+
+
 def score_clip() -> list[dict]:
     from mmlens.world.scene import COLOURS, SHAPES
 
     c = clip_setup()
     out = [dict(row) for row in clip_colour_rows()]
+    labels = _cell_labels(c["train"], c["store"].meta, (8, 8), "colour")
+    for colour, r in cone_residuals(c["store"].tensor(c["site"]), labels, COLOURS).items():
+        out.append(line("sae", "clip", f"colour_cone_residual[{colour}]", r, None,
+                        source=f"reported, no bar: why single colour features are hard to find at {c['site']}: the "
+                               "colour's centroid (its object tokens' mean minus the background's) against the "
+                               "non-negative mixes of the other colours' centroids, residual / norm. The world's "
+                               "orange (245,140,30) is nearly red (220,40,40) + yellow (235,215,40) in RGB, so an SAE "
+                               "can write orange tokens with the red and yellow features"))
     out += _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "shape"), SHAPES, "sae", "clip",
                       "shape", None, c["src"])
     # per image: each feature's largest activation over the image's tokens (block 2 has spread colour over them)
