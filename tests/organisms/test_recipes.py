@@ -3,6 +3,8 @@ classes load, and the same seed gives the same weights (the issue asks for deter
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,3 +64,6 @@ def test_recipe_is_deterministic_and_saves_a_loadable_folder(name, tmp_path):
 
         pipe = StableDiffusionPipeline.from_pretrained(out)
         assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+        # how the tokenizer was loaded (tests run with HF_HUB_OFFLINE=1) is not saved as part of it
+        cfg = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text())
+        assert "local_files_only" not in cfg and "is_local" not in cfg and cfg["model_max_length"] == 16

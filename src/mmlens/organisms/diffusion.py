@@ -149,6 +149,8 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
     torch.manual_seed(hp["seed"])
     tok = AutoTokenizer.from_pretrained(clip_folder)
     tok.model_max_length = 16
+    for how_loaded in ("local_files_only", "is_local"):  # load-time flags transformers would save (HF_HUB_OFFLINE
+        tok.init_kwargs.pop(how_loaded, None)           # sets the first): not part of the tokenizer
     init = None if hp["init"] is None else Path(hp["init"])
     text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder" if init else clip_folder).eval()
     scenes, images = single_object_pool(hp["pool"], hp["seed"] + 2, IMAGE, background="plain")
