@@ -175,10 +175,10 @@ def score_clip() -> list[dict]:
     for colour, r in cone_residuals(c["store"].tensor(c["site"]), labels, COLOURS).items():
         out.append(line("sae", "clip", f"colour_cone_residual[{colour}]", r, None,
                         source=f"reported, no bar: why single colour features are hard to find at {c['site']}: the "
-                               "colour's centroid (its object tokens' mean minus that of the rest: background cells, CLS) against the "
-                               "non-negative mixes of the other colours' centroids, residual / norm. The world's "
-                               "orange (245,140,30) is nearly red (220,40,40) + yellow (235,215,40) in RGB, so an SAE "
-                               "can write orange tokens with the red and yellow features"))
+                               "colour's centroid (its object tokens' mean minus that of the rest: background cells, "
+                               "CLS) against the non-negative mixes of the other colours' centroids, residual / norm. "
+                               "The world's orange (245,140,30) is nearly red (220,40,40) + yellow (235,215,40) in "
+                               "RGB, so an SAE can write orange tokens with the red and yellow features"))
     out += _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "shape"), SHAPES, "sae", "clip",
                       "shape", None, c["src"])
     # per image: each feature's largest activation over the image's tokens (block 2 has spread colour over them)
