@@ -12,15 +12,22 @@ from mmlens.organisms import diffusion
 
 
 @pytest.fixture(scope="module")
-def unet():
+def lens():
+    """A tiny pipeline of the organism's architecture (random weights), wrapped as the recipe wraps it."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import mmlens
+    from mmlens.organisms.vocab import world_tokenizer
+
     torch.manual_seed(0)
-    return diffusion.make_unet(cross_dim=32).eval()
-
-
-def _restored(unet) -> bool:
-    """Every cross-attention back on diffusers' default SDPA processor, without the method override."""
-    return all(type(m.processor).__name__ == "AttnProcessor2_0" and "get_attention_scores" not in m.__dict__
-               for n, m in unet.named_modules() if n.endswith("attn2"))
+    tok = world_tokenizer(16)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16))
+    pipe = StableDiffusionPipeline(vae=diffusion.make_vae(), text_encoder=text, tokenizer=tok,
+                                   unet=diffusion.make_unet(cross_dim=32), scheduler=diffusion.make_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return mmlens.load(pipe)
 
 
 def _inputs(batch=2):
@@ -29,7 +36,8 @@ def _inputs(batch=2):
             torch.randn(batch, 16, 32, generator=g))
 
 
-def test_kept_probabilities_equal_a_plain_softmax_and_leave_the_output_alone(unet):
+def test_kept_probabilities_equal_a_plain_softmax_and_leave_the_output_alone(lens):
+    unet = lens.model.unet
     x, t, text = _inputs()
     seen = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, kw, n=n: seen.__setitem__(n, (a[0], kw)), with_kwargs=True)
@@ -37,7 +45,7 @@ def test_kept_probabilities_equal_a_plain_softmax_and_leave_the_output_alone(une
     try:
         with torch.no_grad():
             plain = unet(x, t, encoder_hidden_states=text).sample
-            with diffusion.cross_attention_probs(unet) as probs:
+            with diffusion.cross_attention_probs(lens) as probs:
                 kept_out = unet(x, t, encoder_hidden_states=text).sample
     finally:
         for h in hooks:
@@ -51,15 +59,22 @@ def test_kept_probabilities_equal_a_plain_softmax_and_leave_the_output_alone(une
         ref = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
         assert p.shape == (2, m.heads, 64, 16)
         torch.testing.assert_close(p, ref, atol=1e-5, rtol=1e-5)
-    # the default processors are back (SDPA: no probabilities formed) and the method override is gone
-    assert _restored(unet)
+    with diffusion.cross_attention_probs(lens) as probs:
+        pass
+    with torch.no_grad():
+        unet(x, t, encoder_hidden_states=text)
+    assert probs == []  # nothing kept after the block
 
 
-def test_processors_are_restored_when_the_forward_raises(unet):
+def test_nothing_is_kept_after_a_raising_forward(lens):
+    unet = lens.model.unet
     x, t, text = _inputs()
-    with pytest.raises(RuntimeError), diffusion.cross_attention_probs(unet):
+    with pytest.raises(RuntimeError), diffusion.cross_attention_probs(lens) as probs:
         unet(x, t, encoder_hidden_states=text[..., :5])  # wrong text width
-    assert _restored(unet)
+    n = len(probs)
+    with torch.no_grad():
+        unet(x, t, encoder_hidden_states=text)
+    assert len(probs) == n
 
 
 def test_grounding_loss_by_hand():
@@ -95,14 +110,15 @@ def test_grounding_loss_by_hand():
         diffusion.grounding_loss([torch.zeros(1, 2, 9, 3)], cells, words)
 
 
-def test_grounding_gradient_reaches_the_keys(unet):
+def test_grounding_gradient_reaches_the_keys(lens):
+    unet = lens.model.unet
     x, t, text = _inputs()
     cells = torch.zeros(2, 16, 64)
     cells[:, 3, :8] = 1.0  # token 3 on the top row
     words = torch.zeros(2, 16)
     words[:, 3] = 1.0
     unet.zero_grad()
-    with diffusion.cross_attention_probs(unet) as probs:
+    with diffusion.cross_attention_probs(lens) as probs:
         unet(x, t, encoder_hidden_states=text)
     diffusion.grounding_loss(probs, cells, words).backward()
     for n, m in unet.named_modules():

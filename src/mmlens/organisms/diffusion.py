@@ -87,33 +87,14 @@ def object_cells(scenes) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def cross_attention_probs(unet):
-    """Within the block, every forward appends each cross-attention's probabilities (batch, heads, queries,
-    tokens), with their graph, to the yielded list: diffusers' default SDPA processor never forms them, so the
-    cross-attentions run the classic processor meanwhile (the same function). The processors are put back after."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    mods = [m for n, m in unet.named_modules() if n.endswith("attn2")]
-    kept, saved = [], [m.processor for m in mods]
-
-    def keeping(m):
-        orig = m.get_attention_scores
-
-        def scores(query, key, attention_mask=None):
-            probs = orig(query, key, attention_mask)
-            kept.append(probs.unflatten(0, (-1, m.heads)))
-            return probs
-        return scores
-
-    try:
-        for m in mods:
-            m.set_processor(AttnProcessor())
-            m.get_attention_scores = keeping(m)
+def cross_attention_probs(lens):
+    """Within the block, each forward appends every cross-attention's probabilities (batch, heads, queries, tokens),
+    with their graph, to the yielded list: mmlens's own `unet.*.cross.pattern` hooks (diffusers' SDPA processor
+    never forms them; the hook layer recomputes them from the kernel's q and k and routes gradients through them)."""
+    kept = []
+    keep = [lambda value, ctx: kept.append(value)]
+    with lens.hooks(captures={name: keep for name in lens.hook_points("unet.*.cross.pattern")}):
         yield kept
-    finally:
-        for m, proc in zip(mods, saved):
-            m.set_processor(proc)
-            m.__dict__.pop("get_attention_scores", None)
 
 
 def grounding_loss(probs: list[torch.Tensor], cells: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -188,6 +169,11 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
             else make_unet(text_encoder.config.hidden_size, hp["heads"]))
     sched = make_scheduler()
     alphas = sched.alphas_cumprod
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    from .. import load
+
+    lens = load(pipe)  # the grounding loss reads the cross-attention through mmlens's hooks
     # grounding targets: per caption slot, the object each word names (tokens 2, 3: the first object's colour and
     # shape; 6, 7: the second's), as its cells
     single_cells, pair_cells = object_cells(scenes)[:, 0], object_cells(pair_scenes)
@@ -217,7 +203,7 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
         embeds = text_encoder(input_ids=text["input_ids"][cond])  # no mask: the pipeline passes none either
         if not hp["ground"]:
             return F.mse_loss(unet(noisy, t, encoder_hidden_states=embeds.last_hidden_state).sample, x0)
-        with cross_attention_probs(unet) as probs:
+        with cross_attention_probs(lens) as probs:
             pred = unet(noisy, t, encoder_hidden_states=embeds.last_hidden_state).sample
         # the caption's first object is the scene's object `order` for pairs (object 0 for singles)
         a, b = single_cells[single], torch.zeros(hp["batch"], GRID * GRID)
@@ -234,8 +220,6 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
     stats = run_training(name="diffusion", model=trained, params=groups, steps=hp["steps"], lr=hp["lr"],
                          warmup=hp["warmup"], seed=hp["seed"], work=Path(work) / "unet", step_fn=step_fn)
     text_encoder.eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
     stats = combine(stats, vae=vae_stats)
     return {"hyperparameters": hp, **stats}
