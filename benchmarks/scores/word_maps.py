@@ -56,6 +56,17 @@ def pair_scores(res) -> dict[str, float]:
         out[f"{kind}_miou"] = float(torch.cat(ious).mean())
         out[f"{kind}_pointing"] = float(torch.cat(hits).mean())
         out[f"{kind}_own_vs_other"] = float(torch.cat(own).mean())
+    # zero-shot segmentation: each pixel to the shape word whose map is highest there (DAAM's 0.4 floor), each
+    # object's segment against its judged pixels
+    from mmlens.world.scene import SHAPES
+
+    seg = res.segmentation(list(SHAPES))
+    ious = []
+    for i in torch.nonzero(ok).flatten().tolist():
+        for j, slot in enumerate((2, 6)):
+            pred, true = seg[i] == SHAPES.index(words[i][slot]), masks[j, i]
+            ious.append(float((pred & true).sum()) / max(1, int((pred | true).sum())))
+    out["segmentation_miou"] = float(np.mean(ious))
     return out
 
 
@@ -110,7 +121,11 @@ def score(per_prompt: int = 2, steps: int = 25) -> list[dict]:
             line("word_maps", "diffusion", "pair_colour_word_own_vs_other", pr["colour_own_vs_other"], None,
                  source=psrc),
             line("word_maps", "diffusion", "pair_colour_word_miou", pr["colour_miou"], None, source=psrc),
-            line("word_maps", "diffusion", "pair_shape_word_pointing_game", pr["shape_pointing"], None, source=psrc)]
+            line("word_maps", "diffusion", "pair_shape_word_pointing_game", pr["shape_pointing"], None, source=psrc),
+            line("word_maps", "diffusion", "pair_zero_shot_segmentation_miou", pr["segmentation_miou"], 0.5,
+                 source=psrc + "; WordMapResult.segmentation over the 4 shape words (each pixel to the word whose "
+                               "normalised map is highest, none below 0.4), each object's segment against its "
+                               "judged pixels; bar as for the maps")]
     per_head = {}
     for site in sd.hook_points("unet.*.cross.pattern"):
         r = run(names=site)
