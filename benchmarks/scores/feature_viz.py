@@ -10,6 +10,7 @@ from ._common import SEED, line
 STEPS = 128
 SEEDS = 5  # (a): independent random starts, one batch
 SHAPE_SEEDS = 3  # (b): per shape unit (4 shapes: 12 runs)
+GEN_SEEDS = 8  # (c): per shape unit with the generator prior (32 runs)
 
 
 def _text_embeds(clip, texts):
@@ -103,4 +104,43 @@ def score() -> list[dict]:
              source=src + f"; the single most selective shape unit over all shapes ({units[top]}), {setting}; "
              f"bar: chance 1/{len(SHAPES)} + one run"),
     ]
+    out += _generator_prior(clip, best, src)
     return out
+
+
+def _generator_prior(clip, best, src) -> list[dict]:
+    """(c) The same shape units with a generator prior (Nguyen et al. 2016, DGN-AM): the latent of the diffusion
+    organism's VAE (trained on world images, never on the clip organism's units) is optimised from the blank
+    background's latent plus noise, so the image stays a world-like picture; judged as in (b)."""
+    import mmlens.organisms as organisms
+    from mmlens.methods.feature_viz import unit, vae_decoder, vae_latents, visualize
+    from mmlens.world.judge import classify
+    from mmlens.world.scene import BG_GREY, SHAPES
+
+    if "diffusion" not in organisms.available():
+        return []
+    vae = organisms.load("diffusion").model.vae
+    z0 = vae_latents(vae, np.full((1, 32, 32, 3), BG_GREY, np.uint8))
+    gen = torch.Generator().manual_seed(1)
+    calls, rates = {}, {}
+    for shape in SHAPES:
+        _, name, u = best[shape]
+        latent = z0.repeat(GEN_SEEDS, 1, 1, 1) + 0.5 * torch.randn(GEN_SEEDS, *z0.shape[1:], generator=gen)
+        r = visualize(clip, unit(name, u, position=0), steps=STEPS, n=GEN_SEEDS, seed=1, param="generator",
+                      generator=vae_decoder(vae), latent=latent, fill=BG_GREY / 255)
+        calls[shape] = [classify(im.numpy())[1] for im in r.images]
+        rates[shape] = float(np.mean([c == shape for c in calls[shape]]))
+    chance, runs = 1 / len(SHAPES), GEN_SEEDS * len(SHAPES)
+    top = max(best, key=lambda s: best[s][0])
+    units = {s: f"{best[s][1]}[{best[s][2]}] d'={best[s][0]:.2f}" for s in SHAPES}
+    setting = (f"generator prior: the diffusion organism's VAE decoder, latent from the blank background's + "
+               f"N(0, 0.5^2), {STEPS} steps, default transforms, judged as above")
+    return [
+        line("feature_viz", "clip", "shape_units_judged_shape_balanced_generator_prior",
+             float(np.mean(list(rates.values()))), round(chance + 1 / runs, 4), n=runs, per_shape=rates, calls=calls,
+             units=units, source=src.replace("1/f Fourier parametrisation, colour decorrelation",
+                                             "generator prior (Nguyen et al. 2016)") + f"; {setting}; bar as above"),
+        line("feature_viz", "clip", "most_selective_unit_judged_shape_generator_prior", rates[top],
+             round(chance + 1 / GEN_SEEDS, 4), n=GEN_SEEDS, shape=top, unit=units[top], calls=calls[top],
+             source=f"the single most selective shape unit ({units[top]}), {setting}; bar as above"),
+    ]

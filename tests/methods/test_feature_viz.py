@@ -16,7 +16,7 @@ from mmlens.methods.feature_viz import (COLOUR_MATRIX, DatasetExamples, FeatureV
                                         PixelImage, Rotate, Scale, apply_transforms, correlate_colours, custom,
                                         dataset_examples, decorrelate_colours, default_transforms, direction,
                                         diversity_term, image_to_spectrum, preprocessing, spectrum_scale,
-                                        spectrum_to_image, unit, visualize)
+                                        spectrum_to_image, unit, vae_decoder, vae_latents, visualize)
 from mmlens.methods.result import Result
 from mmlens.organisms import available
 from mmlens.testing.tiny_models import sample_image, sample_inputs
@@ -216,6 +216,66 @@ def test_pixel_param_batch_diversity_and_init(tiny_lens):
     start = np.stack([np.asarray(sample_image(s)) for s in range(2)])
     res0 = visualize(lens, obj, steps=1, n=2, init=start, lr=1e-6, transforms=None)
     assert (res0.images.int() - torch.from_numpy(start).int()).abs().max() <= 1  # the inverse reproduces init
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         norm_num_groups=4, sample_size=16, layers_per_block=1, scaling_factor=0.5).eval()
+
+
+def test_vae_generator_equals_plain_diffusers():
+    vae = _tiny_vae()
+    imgs = np.stack([np.asarray(sample_image(s).resize((16, 16))) for s in range(2)])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        ref = ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        lat = vae_latents(vae, imgs)
+        torch.testing.assert_close(lat, z * 0.5)  # scaled, as a pipeline's latents
+        torch.testing.assert_close(vae_decoder(vae)(lat), ref)
+
+
+def test_generator_param_optimises_the_latent_only(tiny_lens):
+    lens = tiny_lens("clip")
+    vae = _tiny_vae()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    start = vae_latents(vae, np.stack([np.asarray(sample_image(s).resize((16, 16))) for s in range(2)]))
+    obj = unit("vision.blocks.1.mlp.post", 5)
+    res = visualize(lens, obj, steps=25, n=2, param="generator", generator=vae_decoder(vae), latent=start, lr=0.1,
+                    transforms=None)
+    assert res.images.shape == (2, 16, 16, 3) and res.settings["param"] == "generator"
+    assert res.trace[-3:].mean() > res.trace[:3].mean()
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())  # the decoder is left as it was
+    assert all(p.grad is None for p in vae.parameters())
+    # the images are the decoder's output (at 16x16, resized to the model's 32 only inside the graph): at step 0
+    # with a vanishing lr, the start latents' decoding
+    res0 = visualize(lens, obj, steps=1, n=2, param="generator", generator=vae_decoder(vae), latent=start, lr=1e-9,
+                     transforms=None)
+    with torch.no_grad():
+        want = (vae_decoder(vae)(start) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert (res0.images.int() - want.int()).abs().max() <= 1
+
+
+def test_generator_param_errors(tiny_lens):
+    lens = tiny_lens("clip")
+    obj = unit("vision.blocks.1.mlp.post", 5)
+    gen = vae_decoder(_tiny_vae())
+    z = torch.zeros(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="needs generator= .* and latent="):
+        visualize(lens, obj, steps=1, n=2, param="generator", latent=z)
+    with pytest.raises(ValueError, match="latent holds 2 rows; n=3"):
+        visualize(lens, obj, steps=1, n=3, param="generator", generator=gen, latent=z)
+    with pytest.raises(ValueError, match="expected \\(n=2, 3, h, w\\)"):
+        visualize(lens, obj, steps=1, n=2, param="generator", generator=lambda z: z[:, :1], latent=z)
+    with pytest.raises(ValueError, match="pass the starting latent="):
+        visualize(lens, obj, steps=1, n=2, param="generator", generator=gen, latent=z,
+                  init=np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="go with param='generator'"):
+        visualize(lens, obj, steps=1, n=2, generator=gen, latent=z)
 
 
 def test_stops_after_the_last_site_needed(tiny_lens):

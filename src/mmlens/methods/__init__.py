@@ -16,7 +16,7 @@ from .dissection import (DissectionResult, clip_dissect, image_activations, labe
 from .direct_effects import (DirectEffectsResult, DirectLogitResult, direct_effects, direct_logit_attribution,
                              split_pooling_mlp)
 from .feature_viz import (DatasetExamples, FeatureVizResult, Objective, custom, dataset_examples, direction, unit,
-                          visualize)
+                          vae_decoder, vae_latents, visualize)
 from .gradient_maps import GradientMapResult, gradient_map
 from .knockout import KnockoutResult, knockout
 from .logit_lens import JointLensResult, LogitLensResult, joint_lens, logit_lens
@@ -47,7 +47,7 @@ __all__ = ["DiffusionLensResult", "DirectEffectsResult", "DirectLogitResult", "J
            "joint_lens", "kl_to_final", "logit_lens", "neuron_attribution", "neuron_logit_weights", "pixel_probe", "probe_features",
            "probe_sweep", "provenance", "top_activating",
            "DatasetExamples", "FeatureVizResult", "Objective", "custom", "dataset_examples", "direction", "unit",
-           "visualize",
+           "vae_decoder", "vae_latents", "visualize",
            "AttributionResult", "TRAK", "TRAKConfig", "TRAKEnsemble", "contrastive_margin", "generative_margin",
            "representation_similarity", "diffusion_examples", "diffusion_loss", "diffusion_square",
            "MapResult", "WordMapResult", "word_maps", "GradientMapResult", "RelevancyResult", "gradient_map", "relevancy",

@@ -18,6 +18,10 @@ in [0, 1]. Random jitter, scale and rotation at every step (transformation robus
 shifts. The image then goes through the processor's mean/std normalisation inside the graph, as pixel_values, so
 nothing passes through PIL or uint8 before the model sees it.
 
+A generator prior (Nguyen et al. 2016, "Synthesizing the preferred inputs for neurons via deep generator networks"):
+`param="generator"` optimises the latent of a decoder trained on the data (`vae_decoder(vae)`, starting latents
+from `vae_latents(vae, images)`), so the image stays on the data's manifold and shows objects rather than textures.
+
 Which forward runs. Objectives on `vision.*` sites (and a contrastive model's `vision.proj` / `vision.head.out`) run
 the image tower alone (`get_image_features` for CLIP / SigLIP), and the forward stops once every site the objective
 reads has been recorded, so a unit in block 1 costs blocks 0-1 only. Sites beyond the tower (`projector.out`,
@@ -45,7 +49,7 @@ from .result import Result, provenance, require_family
 COLOUR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 COLOUR_MATRIX = COLOUR_SQRT / COLOUR_SQRT.norm(dim=0).max()
 MAGIC = 4.0  # lucid divides the inverse FFT by 4 so that sigmoid's input starts in a useful range
-PARAMS = ("fourier", "pixel")
+PARAMS = ("fourier", "pixel", "generator")
 
 
 # ----------------------------------------------------------------------------------------- parametrisations
@@ -145,6 +149,37 @@ class PixelImage(ImageParam):
 
     def _set_raw(self, raw: Tensor) -> None:
         self.pixels.copy_(raw.to(self.pixels.device))
+
+
+class GeneratorImage(nn.Module):
+    """Images `decode(latent)` (n, 3, h, w) in [0, 1] of a free `latent` (n, ...): the generator prior. The decoder
+    is held outside the module's parameters and buffers, so optimising or moving the image never touches it."""
+
+    def __init__(self, decode: Callable[[Tensor], Tensor], latent: Tensor):
+        super().__init__()
+        self.__dict__["decode"] = decode
+        self.latent = nn.Parameter(latent.detach().clone().float())
+
+    def forward(self) -> Float[Tensor, "n 3 h w"]:
+        return self.decode(self.latent)
+
+
+def vae_decoder(vae) -> Callable[[Tensor], Tensor]:
+    """A diffusers `AutoencoderKL` as a generator: latents (unscaled, as the pipeline's) -> images in [0, 1]."""
+    scale = getattr(vae.config, "scaling_factor", 1.0)
+
+    def decode(z: Tensor) -> Tensor:
+        x = vae.decode(z.to(vae.device, vae.dtype) / scale).sample.float()
+        return ((x + 1) / 2).clamp(0, 1)
+    return decode
+
+
+@torch.no_grad()
+def vae_latents(vae, images) -> Tensor:
+    """The scaled posterior means of `images` (n, H, W, 3) uint8: starting latents for `param="generator"`."""
+    x = _pool(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+    return (z * getattr(vae.config, "scaling_factor", 1.0)).float().cpu()
 
 
 # ------------------------------------------------------------------------------------------------ transforms
@@ -771,6 +806,7 @@ def visualize(lens, objective, *, steps: int = 256, size: int | tuple[int, int] 
               param: str = "fourier", decorrelate: bool = True, decay_power: float = 1.0, transforms="default",
               lr: float = 0.05, seed: int = 0, diversity: float = 0.0, diversity_site: str | None = None,
               fill: str | float = "reflection", init=None, inputs=None, dataset=None, k: int = 8, mean=None, std=None,
+              generator: Callable[[Tensor], Tensor] | None = None, latent: Tensor | None = None,
               progress: bool = False) -> FeatureVizResult:
     """Images that maximise `objective` (`unit`, `direction`, `custom`, sums of them, or a (name, fn) pair) by
     `steps` of Adam (`lr`) on a `param` ('fourier': lucid's 1/f-scaled spectrum; 'pixel': raw pixels) image of
@@ -779,6 +815,9 @@ def visualize(lens, objective, *, steps: int = 256, size: int | tuple[int, int] 
     parametrisation). `decorrelate`: lucid's colour decorrelation; `decay_power`: the spectrum's 1/f^p scaling (larger
     p: smoother images). Each step the batch goes through `transforms` ('default': `default_transforms(size)`;
     None: none; or a list; `fill`: what shows beyond the border), then the processor's normalisation and the model.
+
+    `param="generator"`: the images are `generator(latent)` ((n, 3, h, w) in [0, 1], e.g. `vae_decoder(vae)`) and
+    the n starting latents `latent` are optimised (`size`, `decorrelate`, `decay_power`, `init` do not apply).
 
     `diversity` > 0 adds lucid's diversity term (`diversity_term` at `diversity_site`, default the objective's first
     site) so the n images differ. `inputs`: processor output of one prompt, for objectives beyond the image tower.
@@ -807,7 +846,14 @@ def visualize(lens, objective, *, steps: int = 256, size: int | tuple[int, int] 
         raise ValueError(f"fill={fill!r}; allowed: 'reflection', 'border' or a constant in [0, 1]")
     pre = preprocessing(lens, mean, std)
     runner = _Runner(lens, pre, inputs)  # with Qwen2-VL inputs, sets the size their image tokens need
-    h, w = pre.size if size is None else _as_pair(size, "size")
+    if param == "generator":
+        image = _generator_image(generator, latent, n, init)
+        with torch.no_grad():
+            h, w = image()[:1].shape[-2:]
+    elif generator is not None or latent is not None:
+        raise ValueError(f"generator= and latent= go with param='generator'; got param={param!r}")
+    else:
+        h, w = pre.size if size is None else _as_pair(size, "size")
     tf = _check_transforms(transforms, min(h, w))
     div_site = diversity_site or obj.names[0]
     if diversity > 0:
@@ -819,7 +865,7 @@ def visualize(lens, objective, *, steps: int = 256, size: int | tuple[int, int] 
     gen = torch.Generator().manual_seed(seed)
     if param == "fourier":
         image = FourierImage(n, h, w, decorrelate=decorrelate, decay_power=decay_power, generator=gen)
-    else:
+    elif param == "pixel":
         image = PixelImage(n, h, w, decorrelate=decorrelate, generator=gen)
     if init is not None:
         start = _pool(init)
@@ -872,7 +918,7 @@ def visualize(lens, objective, *, steps: int = 256, size: int | tuple[int, int] 
     else:
         examples = torch.zeros(0, h, w, 3, dtype=torch.uint8)
         ex_values, ex_idx = torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    settings = {"steps": steps, "size": [h, w], "n": n, "param": param, "decorrelate": decorrelate,
+    settings = {"steps": steps, "size": [int(h), int(w)], "n": n, "param": param, "decorrelate": decorrelate,
                 "decay_power": decay_power if param == "fourier" else None, "lr": lr,
                 "seed": seed, "diversity": diversity, "diversity_site": div_site if diversity > 0 else None,
                 "transforms": [repr(t) for t in tf], "fill": fill, "init": init is not None,
@@ -882,8 +928,24 @@ def visualize(lens, objective, *, steps: int = 256, size: int | tuple[int, int] 
                             settings=settings)
 
 
-__all__ = ["DatasetExamples", "FeatureVizResult", "FourierImage", "ImageParam", "Jitter", "Objective", "PixelImage",
+def _generator_image(generator, latent, n: int, init) -> GeneratorImage:
+    if not callable(generator) or not isinstance(latent, Tensor):
+        raise ValueError("param='generator' needs generator= (latents -> images (n, 3, h, w) in [0, 1], e.g. "
+                         "vae_decoder(vae)) and latent= (the n starting latents, e.g. vae_latents(vae, images))")
+    if init is not None:
+        raise ValueError("init= sets a Fourier or pixel image; with param='generator' pass the starting latent=")
+    if latent.shape[0] != n:
+        raise ValueError(f"latent holds {latent.shape[0]} rows; n={n}")
+    image = GeneratorImage(generator, latent)
+    with torch.no_grad():
+        out = image()
+    if out.dim() != 4 or out.shape[:2] != (n, 3):
+        raise ValueError(f"generator(latent) gave shape {tuple(out.shape)}; expected (n={n}, 3, h, w) images in [0, 1]")
+    return image
+
+
+__all__ = ["DatasetExamples", "GeneratorImage", "FeatureVizResult", "FourierImage", "ImageParam", "Jitter", "Objective", "PixelImage",
            "Rotate", "Scale", "apply_transforms", "correlate_colours", "custom", "dataset_examples",
            "decorrelate_colours", "default_transforms", "direction", "diversity_term", "frequencies",
            "image_to_spectrum", "preprocessing", "qwen_patchify", "spectrum_scale", "spectrum_to_image", "unit",
-           "visualize"]
+           "vae_decoder", "vae_latents", "visualize"]
