@@ -165,7 +165,8 @@ class GeneratorImage(nn.Module):
 
 
 def vae_decoder(vae) -> Callable[[Tensor], Tensor]:
-    """A diffusers `AutoencoderKL` as a generator: latents (unscaled, as the pipeline's) -> images in [0, 1]."""
+    """A diffusers `AutoencoderKL` as a generator: latents (scaled by `scaling_factor`, as a pipeline's) -> images
+    in [0, 1]."""
     scale = getattr(vae.config, "scaling_factor", 1.0)
 
     def decode(z: Tensor) -> Tensor:
@@ -847,9 +848,7 @@ def visualize(lens, objective, *, steps: int = 256, size: int | tuple[int, int] 
     pre = preprocessing(lens, mean, std)
     runner = _Runner(lens, pre, inputs)  # with Qwen2-VL inputs, sets the size their image tokens need
     if param == "generator":
-        image = _generator_image(generator, latent, n, init)
-        with torch.no_grad():
-            h, w = image()[:1].shape[-2:]
+        image, (h, w) = _generator_image(generator, latent, n, init)
     elif generator is not None or latent is not None:
         raise ValueError(f"generator= and latent= go with param='generator'; got param={param!r}")
     else:
@@ -918,7 +917,7 @@ def visualize(lens, objective, *, steps: int = 256, size: int | tuple[int, int] 
     else:
         examples = torch.zeros(0, h, w, 3, dtype=torch.uint8)
         ex_values, ex_idx = torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    settings = {"steps": steps, "size": [int(h), int(w)], "n": n, "param": param, "decorrelate": decorrelate,
+    settings = {"steps": steps, "size": [h, w], "n": n, "param": param, "decorrelate": decorrelate,
                 "decay_power": decay_power if param == "fourier" else None, "lr": lr,
                 "seed": seed, "diversity": diversity, "diversity_site": div_site if diversity > 0 else None,
                 "transforms": [repr(t) for t in tf], "fill": fill, "init": init is not None,
@@ -928,7 +927,8 @@ def visualize(lens, objective, *, steps: int = 256, size: int | tuple[int, int] 
                             settings=settings)
 
 
-def _generator_image(generator, latent, n: int, init) -> GeneratorImage:
+def _generator_image(generator, latent, n: int, init) -> tuple[GeneratorImage, tuple[int, int]]:
+    """The image module and its (h, w), from one checked decoding of the start latents."""
     if not callable(generator) or not isinstance(latent, Tensor):
         raise ValueError("param='generator' needs generator= (latents -> images (n, 3, h, w) in [0, 1], e.g. "
                          "vae_decoder(vae)) and latent= (the n starting latents, e.g. vae_latents(vae, images))")
@@ -940,11 +940,13 @@ def _generator_image(generator, latent, n: int, init) -> GeneratorImage:
     with torch.no_grad():
         out = image()
     if out.dim() != 4 or out.shape[:2] != (n, 3):
-        raise ValueError(f"generator(latent) gave shape {tuple(out.shape)}; expected (n={n}, 3, h, w) images in [0, 1]")
-    return image
+        raise ValueError(f"generator(latent) gave shape {tuple(out.shape)}; expected (n={n}, 3, h, w) images in "
+                         "[0, 1]")
+    return image, (int(out.shape[-2]), int(out.shape[-1]))
 
 
-__all__ = ["DatasetExamples", "GeneratorImage", "FeatureVizResult", "FourierImage", "ImageParam", "Jitter", "Objective", "PixelImage",
+__all__ = ["DatasetExamples", "FeatureVizResult", "FourierImage", "GeneratorImage", "ImageParam", "Jitter", "Objective",
+           "PixelImage",
            "Rotate", "Scale", "apply_transforms", "correlate_colours", "custom", "dataset_examples",
            "decorrelate_colours", "default_transforms", "direction", "diversity_term", "frequencies",
            "image_to_spectrum", "preprocessing", "qwen_patchify", "spectrum_scale", "spectrum_to_image", "unit",
