@@ -138,8 +138,9 @@ def _generator_prior(clip, best, src) -> list[dict]:
     return [
         line("feature_viz", "clip", "shape_units_judged_shape_balanced_generator_prior",
              float(np.mean(list(rates.values()))), round(chance + 1 / runs, 4), n=runs, per_shape=rates, calls=calls,
-             units=units, source=src.replace("1/f Fourier parametrisation, colour decorrelation",
-                                             "generator prior (Nguyen et al. 2016)") + f"; {setting}; bar as above"),
+             units=units, source="Nguyen et al. 2016 (DGN-AM): optimising a generator's latent for a unit keeps the "
+                                 "image on the data's manifold; the most selective unit per shape as in (b); "
+                                 f"{setting}; bar as above: chance 1/4 + one run"),
         line("feature_viz", "clip", "most_selective_unit_judged_shape_generator_prior", rates[top],
              round(chance + 1 / GEN_SEEDS, 4), n=GEN_SEEDS, shape=top, unit=units[top], calls=calls[top],
              source=f"the single most selective shape unit ({units[top]}), {setting}; bar as above"),
