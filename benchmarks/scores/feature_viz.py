@@ -104,11 +104,11 @@ def score() -> list[dict]:
              source=src + f"; the single most selective shape unit over all shapes ({units[top]}), {setting}; "
              f"bar: chance 1/{len(SHAPES)} + one run"),
     ]
-    out += _generator_prior(clip, best, src)
+    out += _generator_prior(clip, best, units, top)
     return out
 
 
-def _generator_prior(clip, best, src) -> list[dict]:
+def _generator_prior(clip, best, units: dict[str, str], top: str) -> list[dict]:
     """(c) The same shape units with a generator prior (Nguyen et al. 2016, DGN-AM): the latent of the diffusion
     organism's VAE (trained on world images, never on the clip organism's units) is optimised from the blank
     background's latent plus noise, so the image stays a world-like picture; judged as in (b)."""
@@ -131,8 +131,6 @@ def _generator_prior(clip, best, src) -> list[dict]:
         calls[shape] = [classify(im.numpy())[1] for im in r.images]
         rates[shape] = float(np.mean([c == shape for c in calls[shape]]))
     chance, runs = 1 / len(SHAPES), GEN_SEEDS * len(SHAPES)
-    top = max(best, key=lambda s: best[s][0])
-    units = {s: f"{best[s][1]}[{best[s][2]}] d'={best[s][0]:.2f}" for s in SHAPES}
     setting = (f"generator prior: the diffusion organism's VAE decoder, latent from the blank background's + "
                f"N(0, 0.5^2), {STEPS} steps, default transforms, judged as above")
     return [

@@ -171,19 +171,20 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
     alphas = sched.alphas_cumprod
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    from .. import load
-
-    lens = load(pipe)  # the grounding loss reads the cross-attention through mmlens's hooks
     # grounding targets: per caption slot, the object each word names (tokens 2, 3: the first object's colour and
     # shape; 6, 7: the second's), as its cells
-    single_cells, pair_cells = object_cells(scenes)[:, 0], object_cells(pair_scenes)
     first, second = torch.zeros(16, dtype=torch.bool), torch.zeros(16, dtype=torch.bool)
     first[[2, 3]], second[[6, 7]] = True, True
-    if hp["ground"] and len(captions) > empty + 1:  # the word-level tokenizer: <s> a red square and a blue circle
-        words = captions[empty + 1].split()
-        want = tok.convert_tokens_to_ids([words[i] for i in (1, 2, 5, 6)])
-        if text["input_ids"][empty + 1, [2, 3, 6, 7]].tolist() != want:
-            raise ValueError("the grounding loss needs one token per word after <s>; this tokenizer splits them")
+    if hp["ground"]:
+        from .. import load
+
+        lens = load(pipe)  # the grounding loss reads the cross-attention through mmlens's hooks
+        single_cells, pair_cells = object_cells(scenes)[:, 0], object_cells(pair_scenes)
+        if len(captions) > empty + 1:  # the word-level tokenizer: <s> a red square and a blue circle
+            named = captions[empty + 1].split()
+            want = tok.convert_tokens_to_ids([named[i] for i in (1, 2, 5, 6)])
+            if text["input_ids"][empty + 1, [2, 3, 6, 7]].tolist() != want:
+                raise ValueError("the grounding loss needs one token per word after <s>; this tokenizer splits them")
 
     def step_fn(step: int) -> torch.Tensor:
         rng = np.random.RandomState(hp["seed"] * 7919 + step)
@@ -206,11 +207,11 @@ def train(out: str | os.PathLike, work: str | os.PathLike, clip_folder: str | os
         with cross_attention_probs(lens) as probs:
             pred = unet(noisy, t, encoder_hidden_states=embeds.last_hidden_state).sample
         # the caption's first object is the scene's object `order` for pairs (object 0 for singles)
-        a, b = single_cells[single], torch.zeros(hp["batch"], GRID * GRID)
+        one, other = single_cells[single], torch.zeros(hp["batch"], GRID * GRID)
         if n_pairs:
-            a = torch.where(pair[:, None], pair_cells[two, order], a)
-            b = torch.where(pair[:, None], pair_cells[two, 1 - order], b)
-        cells = first[None, :, None] * a[:, None] + second[None, :, None] * b[:, None]
+            one = torch.where(pair[:, None], pair_cells[two, order], one)
+            other = torch.where(pair[:, None], pair_cells[two, 1 - order], other)
+        cells = first[None, :, None] * one[:, None] + second[None, :, None] * other[:, None]
         words = (first[None] | (second[None] & pair[:, None])) & (cond != empty)[:, None]
         return F.mse_loss(pred, x0) + hp["ground"] * grounding_loss(probs, cells, words.float())
 
