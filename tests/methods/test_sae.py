@@ -167,8 +167,9 @@ def aux_reference(sae, pre, target, recon, dead):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_step_gradients_equal_the_dense_step(arch):
-    cfg = SAEConfig(d_in=16, d_sae=96, architecture=arch, k=5, aux_k=12)
+@pytest.mark.parametrize("aux_k", [12, 4])  # ~29 dead features: AuxK's dense path (12), its gather kernels (4)
+def test_sparse_step_gradients_equal_the_dense_step(arch, aux_k):
+    cfg = SAEConfig(d_in=16, d_sae=96, architecture=arch, k=5, aux_k=aux_k)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(64, 16, generator=g)
     sae = SAE(cfg)

@@ -179,13 +179,18 @@ def losses(sae, x: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
                 continue
             kk = min(cfg.aux_k, n_dead)
             dead_idx = mask.nonzero().squeeze(1)
-            if pre_dense is not None:
-                dv, di = pre_dense[:, dead_idx].topk(kk, dim=-1, sorted=False)
+            if 4 * kk >= n_dead:  # most dead features kept: dense matmuls over them beat the gather kernels
+                pre_dead = torch.addmm(b_enc[dead_idx], xs, W_enc[:, dead_idx])
+                keep = pre_dead.detach().topk(kk, dim=-1, sorted=False).indices
+                e_hat = torch.zeros_like(pre_dead).scatter(1, keep, pre_dead.gather(1, keep)) @ W_dec[dead_idx]
             else:
-                dv, di = topk_pre(xs.detach(), W_enc.detach()[:, dead_idx], b_enc.detach()[dead_idx], kk)
-            cols_a, off_a = dead_idx[di].reshape(-1), fixed_offsets(n, kk, x.device)
-            e_hat = sparse_decode(sparse_encode(target, W_enc, b_enc, off_a, cols_a, dv.reshape(-1), shift=b_dec),
-                                  off_a, cols_a, W_dec)
+                if pre_dense is not None:
+                    dv, di = pre_dense[:, dead_idx].topk(kk, dim=-1, sorted=False)
+                else:
+                    dv, di = topk_pre(xs.detach(), W_enc.detach()[:, dead_idx], b_enc.detach()[dead_idx], kk)
+                cols_a, off_a = dead_idx[di].reshape(-1), fixed_offsets(n, kk, x.device)
+                e_hat = sparse_decode(sparse_encode(target, W_enc, b_enc, off_a, cols_a, dv.reshape(-1),
+                                                    shift=b_dec), off_a, cols_a, W_dec)
             aux = (e_hat - (target - rec).detach()).pow(2).sum(-1).mean()
             loss = loss + cfg.aux_coefficient * min(n_dead / cfg.aux_k, 1.0) * aux
             auxes.append(aux.detach())
