@@ -23,14 +23,14 @@ def _run(lens, inputs, target, method):
     return gradient_map(lens, inputs, target, method=method, **kw)
 
 
-def _chance_iou(res, masks: np.ndarray, draws: int = 10) -> float:
-    """mIoU of random maps at the method's own resolution, segmented by the same rule (0.4 of the range), and of the
+def _chance_iou(res, masks: np.ndarray, draws: int = 10, threshold: float | str = 0.4) -> float:
+    """mIoU of random maps at the method's own resolution, segmented by the same rule (`threshold`), and of the
     whole image marked: the better of the two is what a map that knows nothing scores."""
     from mmlens.methods.maps import MapResult
 
     g = torch.Generator().manual_seed(0)
     rand = [MapResult(meta={}, maps=torch.rand(res.maps[:, :1].shape, generator=g), images=res.images, labels=["r"],
-                      method="random").iou(masks, 0).mean().item() for _ in range(draws)]
+                      method="random").iou(masks, 0, threshold).mean().item() for _ in range(draws)]
     return max(float(np.mean(rand)), float(masks.mean()))
 
 
@@ -52,6 +52,11 @@ def _lines(organism: str, results: dict, masks: np.ndarray, n: int, what: str) -
         out.append(line(tech, organism, f"miou_{method}", miou, round(chance, 4), n=n, method=method,
                         source=src + f"; mIoU of the map thresholded at 0.4 of its range (DAAM's rule); bar: chance = "
                         f"{chance:.3f}, the better of random maps at the same resolution and the whole image marked"))
+        chance_mean = _chance_iou(res, masks, threshold="mean")
+        out.append(line(tech, organism, f"miou_mean_threshold_{method}", res.iou(masks, 0, "mean").mean().item(),
+                        round(chance_mean, 4), n=n, method=method,
+                        source=src + "; mIoU of the map thresholded at its own mean (Chefer et al. 2021's segmentation "
+                        f"test; kinder to heavy-tailed pixel maps); bar: chance by the same rule = {chance_mean:.3f}"))
     return out
 
 

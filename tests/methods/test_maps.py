@@ -79,6 +79,21 @@ def test_map_errors():
         res.map("nope")
     with pytest.raises(ValueError, match="threshold"):
         res.segment(1.5)
+    with pytest.raises(ValueError, match="'mean'"):
+        res.iou(torch.zeros(2, 4, 4, dtype=torch.bool), "w0", threshold="median")
+
+
+def test_mean_threshold_keeps_what_a_fraction_of_the_peak_drops():
+    # a heavy-tailed map: one spike (10) over a plateau (1) on the object's 2x2 cells, 0 elsewhere, at pixel level
+    maps = torch.zeros(1, 1, 4, 4)
+    maps[0, 0, :2, :2] = 1.0
+    maps[0, 0, 0, 0] = 10.0
+    res = _result(maps)  # images 4x4: no upsampling
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, :2, :2] = True
+    assert res.iou(mask, "w0", threshold=0.4).item() == pytest.approx(1 / 4)  # only the spike passes 0.4 of the range
+    assert res.iou(mask, "w0", threshold="mean").item() == 1.0  # mean 13/16: the plateau passes, the zeros do not
+    assert torch.equal(res.segment("mean")[0, 0], mask[0])
 
 
 def test_images_uint8_forms():

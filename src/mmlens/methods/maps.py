@@ -59,6 +59,22 @@ def grid_of(values: Float[Tensor, "... tokens"], rows: int | None = None, cols: 
     return values.reshape(*values.shape[:-1], rows, cols)
 
 
+def check_threshold(threshold: float | str) -> None:
+    if isinstance(threshold, str):
+        if threshold != "mean":
+            raise ValueError(f"threshold={threshold!r}; allowed: a fraction in [0, 1] of each map's range, or 'mean'")
+    elif not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold}; allowed: a fraction in [0, 1] of each map's range, or 'mean'")
+
+
+def binarise(maps: Float[Tensor, "... H W"], threshold: float | str) -> Bool[Tensor, "... H W"]:
+    """Each map above `threshold` x its range after min-max normalisation, or above its own mean ("mean")."""
+    check_threshold(threshold)
+    if threshold == "mean":
+        return maps > maps.mean((-2, -1), keepdim=True)
+    return normalise(maps) > threshold
+
+
 def iou(pred: Bool[Tensor, "... H W"], mask: Bool[Tensor, "... H W"]) -> Float[Tensor, "..."]:
     """Intersection over union per map; two empty masks count as 1."""
     pred, mask = pred.bool(), mask.bool()
@@ -117,11 +133,11 @@ class MapResult(Result):
         """At the images' resolution (bilinear), every label or one (then still a labels dim of 1)."""
         return upsample(self.maps[:, self._index(label)], self.size)
 
-    def segment(self, threshold: float = 0.4, label: str | int | None = None) -> Bool[Tensor, "images labels H W"]:
-        """Pixels above `threshold` x the map's maximum after min-max normalisation (DAAM thresholds at 0.4)."""
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold={threshold}; allowed: a fraction in [0, 1] of each map's range")
-        return normalise(self.upsampled(label)) > threshold
+    def segment(self, threshold: float | str = 0.4, label: str | int | None = None) -> Bool[Tensor, "images labels H W"]:
+        """Pixels above `threshold` x the map's maximum after min-max normalisation (DAAM thresholds at 0.4), or with
+        threshold="mean" above the map's own mean (Chefer et al. 2021's segmentation test: it suits heavy-tailed
+        pixel maps such as raw gradients, of which a fraction of the peak keeps a few pixels)."""
+        return binarise(self.upsampled(label), threshold)
 
     def own(self, label) -> Float[Tensor, "images H W"]:
         """One upsampled map per image: `label` names one map for every image, or one per image (e.g. each image's
@@ -136,13 +152,12 @@ class MapResult(Result):
             idx = torch.tensor([self._index(lb)[0] for lb in labels])
         return upsample(self.maps[torch.arange(n), idx], self.size)
 
-    def iou(self, masks, label, threshold: float = 0.4) -> Float[Tensor, "images"]:
-        """IoU of the label's segmentation (see `segment`) with one ground-truth mask per image; `label`: one for
-        every image or one per image (see `own`)."""
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold={threshold}; allowed: a fraction in [0, 1] of each map's range")
+    def iou(self, masks, label, threshold: float | str = 0.4) -> Float[Tensor, "images"]:
+        """IoU of the label's segmentation (see `segment` for `threshold`) with one ground-truth mask per image;
+        `label`: one for every image or one per image (see `own`)."""
+        check_threshold(threshold)
         m = as_masks(masks, self.maps.shape[0], self.size)
-        return iou(normalise(self.own(label)) > threshold, m)
+        return iou(binarise(self.own(label), threshold), m)
 
     def pointing_game(self, masks, label) -> Bool[Tensor, "images"]:
         """Whether the label's map peaks inside each image's mask; `label` as in `iou`."""
