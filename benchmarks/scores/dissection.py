@@ -56,18 +56,21 @@ def ground_truth(acts: torch.Tensor, has: torch.Tensor, min_d: float = 1.0, marg
     return d.argmax(1), clear, d
 
 
-def _accuracy(res, truth: dict, concepts: list[str]) -> tuple[float, int, dict]:
+def _accuracy(res, truth: dict, concepts: list[str]) -> tuple[float, int, dict, dict]:
+    """(accuracy, clear units, 'hits/units' per true concept, the same per site)."""
     hit, n, per = 0, 0, {c: [0, 0] for c in concepts}
+    per_site = {}
     for s, name in enumerate(res.names):
         t, clear = truth[name]
         pred = res.labels[s, :len(t)]
         ok = (pred == t)[clear]
         hit += int(ok.sum())
         n += int(clear.sum())
+        per_site[name] = f"{int(ok.sum())}/{int(clear.sum())}"
         for c, o in zip(t[clear].tolist(), ok.tolist()):
             per[concepts[c]][0] += int(o)
             per[concepts[c]][1] += 1
-    return hit / max(n, 1), n, {c: f"{h}/{k}" for c, (h, k) in per.items() if k}
+    return hit / max(n, 1), n, {c: f"{h}/{k}" for c, (h, k) in per.items() if k}, per_site
 
 
 def score(n_probe: int = N_PROBE, n_truth: int = N_TRUTH) -> list[dict]:
@@ -112,15 +115,20 @@ def score(n_probe: int = N_PROBE, n_truth: int = N_TRUTH) -> list[dict]:
         for sim, kw in (("soft_wpmi", {"top_k": TOP_K}), ("cos3", {})):
             res = clip_dissect(target, probe_images, texts, labeller=clip, names=names, similarity=sim,
                                similarity_kwargs=kw, batch_size=120, progress=False)
-            acc, n, per = _accuracy(res, truth, concepts)
+            acc, n, per, per_site = _accuracy(res, truth, concepts)
             out.append(line("dissection", organism, f"clip_dissect_{sim}_label_accuracy", acc,
-                            bar if sim == "soft_wpmi" else None, per_concept=per, similarity_kwargs=kw, **info,
+                            bar if sim == "soft_wpmi" else None, per_concept=per, per_site=per_site,
+                            similarity_kwargs=kw, **info,
                             source=src + ("" if sim == "soft_wpmi" else "; cos3: the paper's simpler similarity, "
                                           "reported without a bar (soft-WPMI is the scored one)")))
         nd = net_dissect(target, probe_images, masks, names=names, quantile=QUANTILE, batch_size=120, progress=False)
-        acc, n, per = _accuracy(nd, truth, concepts)
+        acc, n, per, per_site = _accuracy(nd, truth, concepts)
         out.append(line("dissection", organism, "net_dissect_label_accuracy", acc, bar, per_concept=per,
-                        quantile=QUANTILE, **info, source=src + "; NetDissect: IoU of the unit's upsampled map above "
-                        "its top-%g quantile with the world's object masks of each colour / shape" % QUANTILE))
+                        per_site=per_site, quantile=QUANTILE, **info,
+                        source=src + "; NetDissect: IoU of the unit's upsampled map above its top-%g quantile with the "
+                        "world's object masks of each colour / shape. per_site: NetDissect needs a unit to fire where "
+                        "its concept is; later blocks spread an object's colour over the image's patches, and their "
+                        "colour units get shape labels (on the vlm most often 'cross')"
+                        % QUANTILE))
     return out
 
