@@ -126,6 +126,9 @@ def test_segmentation_assigns_the_strongest_word(tiny_lens):
 
     torch.testing.assert_close(seg, normalise(up).argmax(1))
     assert (res.segmentation(threshold=1.0) == -1).all()
+    for bad in (1.5, "mean"):
+        with pytest.raises(ValueError, match="fraction in"):
+            res.segmentation(threshold=bad)
 
 
 def test_pixart_and_img2img(tiny_lens):

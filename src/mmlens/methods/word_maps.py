@@ -45,6 +45,8 @@ class WordMapResult(MapResult):
                      ) -> Tensor:
         """(images, H, W) int: per pixel the index (into `labels`) of the word whose normalised map is highest
         there, -1 where none reaches `threshold` (DAAM's 0.4) or the word is absent from that image's prompt."""
+        if isinstance(threshold, str) or not 0.0 <= threshold <= 1.0:  # words compete on one scale: no "mean"
+            raise ValueError(f"threshold={threshold!r}; allowed: a fraction in [0, 1] of each map's range")
         labels = list(labels) if labels is not None else list(self.labels)
         idx = [self._index(lb)[0] for lb in labels]
         up = normalise(upsample(self.maps[:, idx], self.size))
