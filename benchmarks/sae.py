@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip", default="", help="comma-separated modes not to run (mmlens, dense, matryoshka, saelens)")
+    ap.add_argument("--skip", default="", help="comma-separated modes not to run (mmlens, dense, matryoshka, auxk, saelens)")
     ap.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens installed")
     ap.add_argument("--store", action="store_true", help="also run benchmarks/store_io.py's measure()")
     ap.add_argument("--store-tokens", type=int, default=None, help="tokens of the store figures (default: its own)")
@@ -126,7 +126,8 @@ def main(argv=None) -> None:
 
     # the in-process modes are timed interleaved (repeat r of every mode, then r + 1): load on a shared host drifts
     steppers = {m: make(shape, args.device, dtype, x) for m, make in (("mmlens", mmlens_step), ("dense", dense_step),
-                                                                       ("matryoshka", matryoshka_step))
+                                                                       ("matryoshka", matryoshka_step),
+                                                                       ("auxk", auxk_step))
                 if m not in skip}
     best = {m: float("inf") for m in steppers}
     for m, step in steppers.items():
@@ -155,9 +156,10 @@ def main(argv=None) -> None:
                   file=sys.stderr)
     if "mmlens" in seconds and len(seconds) > 1:
         ratios = {f"mmlens_vs_{m}": round(s / seconds["mmlens"], 2) for m, s in seconds.items()
-                  if m not in ("mmlens", "matryoshka")}
-        if "matryoshka" in seconds:  # how much the nested loss costs over the plain step (not a peer)
-            ratios["matryoshka_step_cost"] = round(seconds["matryoshka"] / seconds["mmlens"], 2)
+                  if m not in ("mmlens", "matryoshka", "auxk")}
+        for m in ("matryoshka", "auxk"):  # what the nested loss / the aux loss costs over the plain step (not peers)
+            if m in seconds:
+                ratios[f"{m}_step_cost"] = round(seconds[m] / seconds["mmlens"], 2)
         line = {**meta, "mode": "ratios", **ratios}
         lines.append(line)
         print(json.dumps(line), flush=True)
@@ -188,12 +190,12 @@ def timed(step, args) -> float:
     return time.perf_counter() - t
 
 
-def _sae(shape, device, dtype, widths=None):
+def _sae(shape, device, dtype, widths=None, **cfg):
     from mmlens.methods.sae import SAE, SAEConfig
 
     cfg = SAEConfig(d_in=shape["d_in"], d_sae=shape["d_sae"], architecture="topk", k=shape["k"],
                     batch_size=shape["batch"], normalize="none", dtype=str(dtype).replace("torch.", ""),
-                    matryoshka_widths=widths)
+                    matryoshka_widths=widths, **cfg)
     return SAE(cfg).to(device)
 
 
@@ -207,10 +209,16 @@ def matryoshka_step(shape, device, dtype, x):
     return mmlens_step(shape, device, dtype, x, widths=matryoshka_widths(shape["d_sae"]))
 
 
-def mmlens_step(shape, device, dtype, x, widths=None):
+def auxk_step(shape, device, dtype, x):
+    """The same TopK step with every feature counted dead (dead_tokens=0), so AuxK runs over all of them with the
+    default aux_k: the most the auxiliary loss can cost."""
+    return mmlens_step(shape, device, dtype, x, dead_tokens=0)
+
+
+def mmlens_step(shape, device, dtype, x, widths=None, **cfg):
     from mmlens.methods._sae_fit import Trainer
 
-    sae = _sae(shape, device, dtype, widths)
+    sae = _sae(shape, device, dtype, widths, **cfg)
     trainer = Trainer(sae, total=10**6)
     trainer.initialise(x)
     return lambda i: trainer.step(i, x)

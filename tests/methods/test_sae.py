@@ -167,9 +167,12 @@ def aux_reference(sae, pre, target, recon, dead):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-@pytest.mark.parametrize("aux_k", [12, 4])  # ~29 dead features: AuxK's dense path (12), its gather kernels (4)
-def test_sparse_step_gradients_equal_the_dense_step(arch, aux_k):
-    cfg = SAEConfig(d_in=16, d_sae=96, architecture=arch, k=5, aux_k=aux_k)
+@pytest.mark.parametrize("aux_dense_share", [0.0, float("inf")])  # AuxK's dense path, its gather kernels
+def test_sparse_step_gradients_equal_the_dense_step(arch, aux_dense_share, monkeypatch):
+    import mmlens.methods._sae_fit as fit
+
+    monkeypatch.setattr(fit, "AUX_DENSE_SHARE", aux_dense_share)
+    cfg = SAEConfig(d_in=16, d_sae=96, architecture=arch, k=5, aux_k=12)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(64, 16, generator=g)
     sae = SAE(cfg)
