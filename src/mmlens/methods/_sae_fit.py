@@ -13,8 +13,9 @@ instead of being absorbed into specific ones. The sparse path decodes every pref
 Anthropic-style resampling: resampling needs one choice of inputs agreed across ranks and surgery on the optimizer
 state, the aux loss does the same job through the gradient and keeps data parallelism plain. The pre-activations
 fed to it are not rectified (as SAELens), so a ReLU feature that never fires still gets a gradient. AuxK keeps
-`aux_k` of the dead features per token: the gather kernels when that is a small share of them, dense matmuls over
-the dead columns when it is most of them (a small dictionary with many dead features: 2.3x faster there).
+`aux_k` of the dead features per token: dense matmuls over the dead columns when that is at least a tenth of them
+(`AUX_DENSE_SHARE`; a small dictionary with many dead features fits 2.3x faster than with the gather kernels), the
+gather kernels below that.
 
 Decoder rows stay unit-norm: the gradient's component along each row is removed before the optimizer step and the
 rows are renormalised after it (Gao et al. 2024). TopK and BatchTopK use the sparse kernels of `_sae_kernels`
