@@ -59,17 +59,10 @@ def grid_of(values: Float[Tensor, "... tokens"], rows: int | None = None, cols: 
     return values.reshape(*values.shape[:-1], rows, cols)
 
 
-def check_threshold(threshold: float | str) -> None:
-    if isinstance(threshold, str):
-        if threshold != "mean":
-            raise ValueError(f"threshold={threshold!r}; allowed: a fraction in [0, 1] of each map's range, or 'mean'")
-    elif not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold={threshold}; allowed: a fraction in [0, 1] of each map's range, or 'mean'")
-
-
 def binarise(maps: Float[Tensor, "... H W"], threshold: float | str) -> Bool[Tensor, "... H W"]:
     """Each map above `threshold` x its range after min-max normalisation, or above its own mean ("mean")."""
-    check_threshold(threshold)
+    if not (threshold == "mean" if isinstance(threshold, str) else 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold={threshold!r}; allowed: a fraction in [0, 1] of each map's range, or 'mean'")
     if threshold == "mean":
         return maps > maps.mean((-2, -1), keepdim=True)
     return normalise(maps) > threshold
@@ -133,7 +126,8 @@ class MapResult(Result):
         """At the images' resolution (bilinear), every label or one (then still a labels dim of 1)."""
         return upsample(self.maps[:, self._index(label)], self.size)
 
-    def segment(self, threshold: float | str = 0.4, label: str | int | None = None) -> Bool[Tensor, "images labels H W"]:
+    def segment(self, threshold: float | str = 0.4, label: str | int | None = None
+                ) -> Bool[Tensor, "images labels H W"]:
         """Pixels above `threshold` x the map's maximum after min-max normalisation (DAAM thresholds at 0.4), or with
         threshold="mean" above the map's own mean (Chefer et al. 2021's segmentation test: it suits heavy-tailed
         pixel maps such as raw gradients, of which a fraction of the peak keeps a few pixels)."""
@@ -155,7 +149,6 @@ class MapResult(Result):
     def iou(self, masks, label, threshold: float | str = 0.4) -> Float[Tensor, "images"]:
         """IoU of the label's segmentation (see `segment` for `threshold`) with one ground-truth mask per image;
         `label`: one for every image or one per image (see `own`)."""
-        check_threshold(threshold)
         m = as_masks(masks, self.maps.shape[0], self.size)
         return iou(binarise(self.own(label), threshold), m)
 
