@@ -9,7 +9,7 @@ from ._common import SEED, line
 
 STEPS = 128
 SEEDS = 5  # (a): independent random starts, one batch
-SHAPE_SEEDS = 3  # (b): per shape unit (4 shapes: 12 runs)
+SHAPE_SEEDS = 8  # (b): per shape unit (4 shapes: 32 runs), as many starts as (c)
 GEN_SEEDS = 8  # (c): per shape unit with the generator prior (32 runs)
 
 
