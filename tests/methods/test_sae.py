@@ -233,6 +233,30 @@ def test_other_architectures_train(arch):
         assert l0 < 40
 
 
+def test_jumprelu_l0_coefficient_does_not_throttle_the_reconstruction():
+    """The L0 term reaches only the thresholds, and they are left out of the norm clip: the reconstruction's
+    parameters follow the same path whatever l0_coefficient is (with them in the clip, a large one shrank every
+    other gradient and the SAE ended with a larger L0)."""
+    from mmlens.methods._sae_fit import Trainer
+
+    _, batch = dictionary_data(d=16, atoms=32, seed=3)
+    got = []
+    for coef in (1.0, 1000.0):
+        cfg = SAEConfig(d_in=16, d_sae=64, architecture="jumprelu", lr=3e-3, batch_size=256, warmup_steps=0,
+                        l0_coefficient=coef, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.1, aux_k=0)
+        sae = SAE(cfg)
+        trainer = Trainer(sae, total=5)
+        trainer.initialise(batch(0))
+        norms = []
+        for i in range(5):
+            trainer.step(i, batch(i))
+            norms.append(float(sae.log_threshold.grad.norm()))
+        got.append({n: p.detach().clone() for n, p in sae.named_parameters()})
+    assert max(norms) > 10  # at 1000 the thresholds' gradient alone would have set the clip factor
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(got[0][name], got[1][name], msg=name)
+
+
 @pytest.mark.parametrize("widths", [None, [2, 8, 32]], ids=["plain", "matryoshka"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
 def test_resume_after_a_kill_gives_the_same_weights(tmp_path, arch, widths):

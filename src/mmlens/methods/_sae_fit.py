@@ -20,7 +20,9 @@ gather kernels below that.
 Decoder rows stay unit-norm: the gradient's component along each row is removed before the optimizer step and the
 rows are renormalised after it (Gao et al. 2024). TopK and BatchTopK use the sparse kernels of `_sae_kernels`
 (exactly the dense step's gradients, several times faster); ReLU and JumpReLU are dense. Adam (0.9, 0.999), the
-gradient norm clipped to 1 (as SAELens), linear warmup then cosine to 5% (or constant, `cfg.lr_schedule`).
+gradient norm clipped to 1 (as SAELens, but without JumpReLU's thresholds: see `Trainer`), linear warmup then cosine
+to 5% (or constant, `cfg.lr_schedule`). JumpReLU's log-thresholds move by about `lr` per Adam step whatever the
+L0 penalty, so a short fit keeps them near `jumprelu_init_threshold`: start them near the pre-activations' scale.
 
 Before the first step of a never-fitted SAE (one read from SAELens counts as trained) `input_scale` is set from
 the first batch so the mean input norm is sqrt(d_in) (`normalize="expected_norm"`), decoder rows are made unit
@@ -234,6 +236,10 @@ class Trainer:
         fused = p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.bfloat16,
                                                                  torch.float16)
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.lr, betas=(0.9, 0.999), fused=fused or None)
+        # the norm clip leaves JumpReLU's thresholds out: their L0 gradient (x l0_coefficient / bandwidth) would
+        # otherwise set the clip factor and shrink the reconstruction's gradients, so a larger l0_coefficient gave
+        # a larger L0 (measured: 136 at 1, 180 at 60 after one epoch); Adam scales the thresholds' steps anyway
+        self.clipped = [p for n, p in sae.named_parameters() if n != "log_threshold"]
         self.objective: nn.Module | None = None
         self._seen: int | None = None  # host copy of state.tokens (read once, at the first step: after a resume)
 
@@ -289,7 +295,7 @@ class Trainer:
         with torch.no_grad():
             if W.grad is not None:
                 W.grad.sub_((W.grad * W).sum(1, keepdim=True) * W)
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.clipped, 1.0)
             self.opt.step()
             W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-8))
             self._count(out, x.shape[0])
