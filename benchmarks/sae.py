@@ -93,7 +93,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip", default="", help="comma-separated modes not to run (mmlens, dense, matryoshka, auxk, saelens)")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated modes not to run (mmlens, dense, matryoshka, auxk, saelens)")
     ap.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens installed")
     ap.add_argument("--store", action="store_true", help="also run benchmarks/store_io.py's measure()")
     ap.add_argument("--store-tokens", type=int, default=None, help="tokens of the store figures (default: its own)")

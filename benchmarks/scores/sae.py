@@ -84,7 +84,8 @@ def _cell_labels(scenes, meta, grid: tuple[int, int], attr: str, min_cover: floa
     """Per token: the `attr` (colour/shape) of the object covering >= `min_cover` of its patch cell, '' elsewhere
     and for tokens without a cell (CLS, text)."""
     rows, cols = grid
-    per_scene = np.array(_patch_labels(scenes, rows, cols, attr, min_cover), dtype=object).reshape(len(scenes), rows * cols)
+    per_scene = np.array(_patch_labels(scenes, rows, cols, attr, min_cover), dtype=object)
+    per_scene = per_scene.reshape(len(scenes), rows * cols)
     ex, r, c = (meta[k].numpy() for k in ("example", "row", "col"))
     out = np.full(len(ex), "", dtype=object)
     cell = r >= 0

@@ -48,8 +48,8 @@ class SAEConfig:
     |f| * ||W_dec row||). `l0_coefficient`, `jumprelu_bandwidth`, `jumprelu_init_threshold`: JumpReLU's L0 penalty
     and straight-through estimator (Rajamanoharan et al. 2024); its log-thresholds move about `lr` per step, so a
     short fit's sparsity is set more by the initial threshold than by the penalty. `aux_k` / `aux_coefficient`: the
-    TopK paper's auxiliary loss, the top `aux_k` dead features reconstruct the residual error (Gao et al. 2024; 0 turns it off);
-    a feature is dead after `dead_tokens` tokens without firing (the aux loss revives dead features of every
+    TopK paper's auxiliary loss, the top `aux_k` dead features reconstruct the residual error (Gao et al. 2024; 0
+    turns it off); a feature is dead after `dead_tokens` tokens without firing (the aux loss revives dead features of every
     architecture; see `_sae_fit`). `batch_size`: tokens per optimizer step over all ranks. `lr_schedule`: "cosine"
     (linear warmup, cosine to 5%) or "constant" (after the warmup). `batch_threshold_lr`: the rate of BatchTopK's
     running mean of each batch's smallest kept activation. `matryoshka_widths`: [m_1 < ... < d_sae] trains a
