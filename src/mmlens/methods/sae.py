@@ -44,19 +44,20 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 class SAEConfig:
     """Shape, sparsity mechanism and training recipe of one SAE; saved as JSON beside its safetensors.
 
-    `k`: active features per token (topk; batchtopk: on average). `l1_coefficient`: ReLU's L1 weight (on
-    |f| * ||W_dec row||). `l0_coefficient`, `jumprelu_bandwidth`, `jumprelu_init_threshold`: JumpReLU's L0 penalty
-    and straight-through estimator (Rajamanoharan et al. 2024); its log-thresholds move about `lr` per step, so a
-    short fit's sparsity is set more by the initial threshold than by the penalty. `aux_k` / `aux_coefficient`: the
-    TopK paper's auxiliary loss, the top `aux_k` dead features reconstruct the residual error (Gao et al. 2024; 0
-    turns it off); a feature is dead after `dead_tokens` tokens without firing (the aux loss revives dead features of every
+    `k`: active features per token (topk; batchtopk: on average). `l1_coefficient`: ReLU's L1 weight (on |f| *
+    ||W_dec row||). `l0_coefficient`, `jumprelu_bandwidth`, `jumprelu_init_threshold`: JumpReLU's L0 penalty and
+    straight-through estimator (Rajamanoharan et al. 2024); its log-thresholds move about `lr` per step, so a short
+    fit's sparsity is set more by the initial threshold than by the penalty. `aux_k` / `aux_coefficient`: the TopK
+    paper's auxiliary loss, the top `aux_k` dead features reconstruct the residual error (Gao et al. 2024; 0 turns it
+    off); a feature is dead after `dead_tokens` tokens without firing (the aux loss revives dead features of every
     architecture; see `_sae_fit`). `batch_size`: tokens per optimizer step over all ranks. `lr_schedule`: "cosine"
     (linear warmup, cosine to 5%) or "constant" (after the warmup). `batch_threshold_lr`: the rate of BatchTopK's
     running mean of each batch's smallest kept activation. `matryoshka_widths`: [m_1 < ... < d_sae] trains a
-    Matryoshka SAE (every architecture): each prefix of the features must reconstruct the input alone (training
-    only; `encode`/`decode` are unchanged). `matryoshka_aux`: the aux loss per level instead, each band's dead
-    features reconstructing the error of their own prefix (SAELens's `use_matryoshka_aux_loss`). `hook_name`: the
-    canonical site the SAE reads; `normalize`: "none" or "expected_norm" (see the module docstring); `dtype`: the parameters' dtype."""
+    Matryoshka SAE (every architecture): each prefix of the features must reconstruct the input alone (training only;
+    `encode`/`decode` are unchanged). `matryoshka_aux`: the aux loss per level instead, each band's dead features
+    reconstructing the error of their own prefix (SAELens's `use_matryoshka_aux_loss`). `hook_name`: the canonical
+    site the SAE reads; `normalize`: "none" or "expected_norm" (see the module docstring); `dtype`: the parameters'
+    dtype."""
 
     d_in: int
     d_sae: int
