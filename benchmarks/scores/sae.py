@@ -177,7 +177,7 @@ def clip_colour_rows(seed_index: int = 0) -> tuple[dict, ...]:
 
 def median_over_seeds(per_seed: list[list[dict]], seeds, src: str) -> list[dict]:
     """Per concept line (all but each list's last, the distinct-features line): the median seed's line, valued at the
-    median, with every seed's value; then how many concepts pass in each seed."""
+    median, with every seed's value; then, for lines with a bar, how many concepts pass in each seed."""
     out = []
     for j in range(len(per_seed[0]) - 1):
         rows = [p[j] for p in per_seed]
@@ -189,6 +189,8 @@ def median_over_seeds(per_seed: list[list[dict]], seeds, src: str) -> list[dict]
                    passed=None if mid["threshold"] is None else bool(np.median(values) >= mid["threshold"]))
         out.append(mid)
     first = per_seed[0][0]
+    if first["threshold"] is None:
+        return out
     what = first["metric"].split("_auroc")[0]
     passes = [sum(r["value"] >= r["threshold"] for r in p[:-1]) for p in per_seed]
     out.append(line(first["technique"], first["organism"], f"{what}_passes_per_seed", min(passes), None,
