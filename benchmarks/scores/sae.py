@@ -242,7 +242,8 @@ def score_clip() -> list[dict]:
                       "clip", "shape", None, c["src"] + "; whole patches, as for colour")
     # per image: each feature's largest activation over the image's tokens (block 2 has spread colour over them)
     ex = c["meta"]["example"]
-    pooled = torch.zeros(len(c["test"]), c["codes"].shape[1]).index_reduce_(0, ex, c["codes"], "amax")
+    pooled = torch.zeros(len(c["test"]), c["codes"].shape[1]).scatter_reduce_(
+        0, ex[:, None].expand_as(c["codes"]), c["codes"], "amax")  # codes are >= 0: the zeros start is neutral
     colours = np.array([s.objects[0].colour for s in c["test"]])
     for colour in COLOURS:
         a = auroc(pooled, torch.from_numpy(colours == colour))
