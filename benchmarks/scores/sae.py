@@ -146,8 +146,10 @@ def clip_setup(n_train: int = 1200, n_test: int = 240, d_sae: int = 512, k: int 
     src = (f"issue 13: TopK SAE (d_sae {d_sae}, k {k}, {epochs} epochs, AuxK after {dead_tokens} silent tokens) on "
            f"{site}, {len(train)} training scenes; {len(test)} test scenes; AUROC of the best feature per concept "
            "among object patch tokens")
+    colour = {"whole": _cell_labels(test, meta, (8, 8), "colour", min_cover=WHOLE),
+              "half": _cell_labels(test, meta, (8, 8), "colour")}  # the test tokens' colour, by each protocol
     return dict(lens=clip, sae=saes[0], saes=saes, site=site, train=train, test=test, codes=all_codes[0],
-                all_codes=all_codes, meta=meta, store=store, tmp=tmp, seeds=seeds, src=src)
+                all_codes=all_codes, meta=meta, colour=colour, store=store, tmp=tmp, seeds=seeds, src=src)
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,8 +164,7 @@ def clip_colour_rows(seed_index: int = 0) -> tuple[dict, ...]:
 
     c = clip_setup()
     codes = c["all_codes"][seed_index]
-    pure = _cell_labels(c["test"], c["meta"], (8, 8), "colour", min_cover=WHOLE)
-    half = _cell_labels(c["test"], c["meta"], (8, 8), "colour")
+    pure, half = c["colour"]["whole"], c["colour"]["half"]
     rows = _alignment(codes, pure, COLOURS, "sae", "clip", "colour", 0.95,
                       c["src"] + "; positives: the colour's patches wholly inside its object; negatives: the other "
                                  "colours' whole patches")
@@ -232,8 +233,8 @@ def score_clip() -> list[dict]:
                                "RGB: red, orange and yellow lie nearly on a line, an SAE can write one of them as a "
                                "mix of features that also fire on its neighbours, and which one varies with the site "
                                "and seed (a sweep at block 0's mlp.out: orange 0.99, red 0.89, yellow 0.88)"))
-    half = _alignment(c["codes"], _cell_labels(c["test"], c["meta"], (8, 8), "colour"), COLOURS, "sae", "clip",
-                      "colour_half_covered", None, c["src"])
+    half = _alignment(c["codes"], c["colour"]["half"], COLOURS, "sae", "clip", "colour_half_covered", None,
+                      c["src"])
     for r in half[:-1]:
         r["source"] = ("reported, no bar: as colour_auroc, with every patch the object covers at least half as the "
                        "colour's (edges included), the protocol of earlier stops; " + c["src"])

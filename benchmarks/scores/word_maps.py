@@ -58,14 +58,12 @@ def pair_scores(res) -> dict[str, float]:
         out[f"{kind}_own_vs_other"] = float(torch.cat(own).mean())
     # zero-shot segmentation: each pixel to the shape word whose map is highest there (DAAM's 0.4 floor), each
     # object's segment against its judged pixels
+    from mmlens.methods.maps import iou
     from mmlens.world.scene import SHAPES
 
     seg = res.segmentation(list(SHAPES))
-    ious = []
-    for i in torch.nonzero(ok).flatten().tolist():
-        for j, slot in enumerate((2, 6)):
-            pred, true = seg[i] == SHAPES.index(words[i][slot]), masks[j, i]
-            ious.append(float((pred & true).sum()) / max(1, int((pred | true).sum())))
+    ious = [iou(seg[i] == SHAPES.index(words[i][slot]), masks[j, i]).item()
+            for i in torch.nonzero(ok).flatten().tolist() for j, slot in enumerate((2, 6))]
     out["segmentation_miou"] = float(np.mean(ious))
     return out
 

@@ -153,11 +153,12 @@ def gradient_map(lens, inputs: Mapping[str, Any], target=None, *, method: str = 
     Gauss-Legendre; maps at pixel resolution, signed), "saliency" (|d logit / d pixels| summed over channels, pixel
     resolution), "smoothgrad" (Smilkov et al. 2017: the saliency map averaged over `samples` copies, default 16, of
     the pixels plus Gaussian noise of std `noise` x the batch's pixel range, default 0.15; the paper's remedy for
-    saliency's speckle; `seed` fixes the draws), "grad_cam" (Selvaraju et al. 2017 on ViT tokens:
-    relu(sum_d mean_tokens(grad_d) * act_d) over the patch tokens of site `name`, a (batch, seq, d) residual or block output of the vision tower or, for VLMs, of the
-    LM at its image tokens; default: the input of CLIP / SigLIP's last block, the output of a VLM's last vision block
-    that feeds the LM), "occlusion" (Zeiler & Fergus 2014: f(x) - f(x with one `window` x `window` square at the
-    baseline), windows tiling the image, default one patch; maps on the window grid).
+    saliency's speckle; `seed` fixes the draws), "grad_cam" (Selvaraju et al. 2017 on ViT tokens: relu(sum_d
+    mean_tokens(grad_d) * act_d) over the patch tokens of site `name`, a (batch, seq, d) residual or block output of
+    the vision tower or, for VLMs, of the LM at its image tokens; default: the input of CLIP / SigLIP's last block,
+    the output of a VLM's last vision block that feeds the LM), "occlusion" (Zeiler & Fergus 2014: f(x) - f(x with one
+    `window` x `window` square at the baseline), windows tiling the image, default one patch; maps on the window
+    grid).
     `internal_batch_size`: rows per forward for IG, SmoothGrad and occlusion (default: IG's steps and SmoothGrad's
     samples all at once, occlusion 64).
     `images`: what to draw the maps over (default: pixel_values un-normalised).
