@@ -48,9 +48,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("widths", [None, [32, 128]], ids=["plain", "matryoshka"])
-def test_two_ranks_equal_one_process(tmp_path, monkeypatch, widths):
-    cfg = {**CFG, "matryoshka_widths": widths}
+@pytest.mark.parametrize("extra", [{}, {"matryoshka_widths": [32, 128]}, {"normalize": "whiten", "whiten_tokens": 512}],
+                         ids=["plain", "matryoshka", "whiten"])  # whiten: the covariance is summed over the ranks
+def test_two_ranks_equal_one_process(tmp_path, monkeypatch, extra):
+    cfg = {**CFG, **extra}
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(make_batch=inspect.getsource(make_batch), batch_size=CFG["batch_size"], cfg=cfg,
                                     steps=STEPS))
@@ -83,4 +84,7 @@ def test_two_ranks_equal_one_process(tmp_path, monkeypatch, widths):
     assert torch.equal(r0.feature_stats["fire_count"], single.feature_stats["fire_count"])
     assert sum(aux_steps) >= 3  # the aux loss on dead features was live (in both runs, since they agree)
     assert not torch.equal(single.W_dec, SAE(SAEConfig(**cfg)).W_dec)
-    assert r0.cfg.matryoshka_widths == widths
+    assert r0.cfg.matryoshka_widths == extra.get("matryoshka_widths")
+    if "normalize" in extra:
+        torch.testing.assert_close(r0._fit_state.whitening.matrix, single._fit_state.whitening.matrix)
+        assert float(r0._fit_state.whitening.tokens) == 2 * CFG["batch_size"]  # two batches over both ranks

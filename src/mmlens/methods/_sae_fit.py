@@ -27,7 +27,10 @@ L0 penalty, so a short fit keeps them near `jumprelu_init_threshold`: start them
 Before the first step of a never-fitted SAE (one read from SAELens counts as trained) `input_scale` is set from
 the first batch so the mean input norm is sqrt(d_in) (`normalize="expected_norm"`), decoder rows are made unit
 norm with the norm folded into the encoder, and `b_dec` starts at the first batch's mean (the TopK paper starts it
-at the geometric median).
+at the geometric median). With `normalize="whiten"` the fit first reads `whiten_tokens` tokens for the covariance
+(and trains on them too), trains on whitened batches and folds the whitening into the weights when it ends, also
+when it raises (`_sae_whiten`); checkpoints hold the whitened weights with the statistics, so a resume goes on in
+the same coordinates.
 
 Data parallel: when torch.distributed is initialised with more than one process the objective runs inside
 `DistributedDataParallel` (gradient all-reduce by the engine); the statistics that must agree across ranks (first
@@ -57,6 +60,7 @@ from ..store import ActivationStore
 from ..train import Checkpointer, cosine_lr
 from ._sae_kernels import (JumpReLU, Step, fixed_offsets, prefix_decode, prefix_decode_dense, sparse_decode,
                            sparse_encode, topk_pre)
+from ._sae_whiten import Whitening, fold, unfold
 
 # AuxK runs dense when it keeps at least this share of the dead features: on CPU the dense matmuls win from
 # ~1/8 (d_in 128, 4096 tokens: 216 vs 239 ms) and lose at 1/16 (d_in 1024: 603 vs 502 ms)
@@ -67,8 +71,10 @@ AUX_DENSE_SHARE = 0.1
 class FitState(nn.Module):
     """Per-feature counters kept while fitting (saved in checkpoints and with the SAE)."""
 
-    def __init__(self, d_sae: int):
+    def __init__(self, d_sae: int, whiten_d_in: int | None = None):
         super().__init__()
+        # normalize="whiten": the statistics the fit trained under (`_sae_whiten`), kept for later fits
+        self.whitening = Whitening(whiten_d_in) if whiten_d_in is not None else None
         self.register_buffer("fire_count", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self.register_buffer("tokens", torch.zeros((), dtype=torch.int64))
@@ -229,8 +235,14 @@ class Trainer:
     def __init__(self, sae, total: int):
         self.sae, self.cfg, self.total = sae, sae.cfg, total
         self.state = sae._fit_state if sae._fit_state is not None else FitState(self.cfg.d_sae)
+        if self.cfg.normalize == "whiten" and self.state.whitening is None:
+            self.state.whitening = Whitening(self.cfg.d_in)
         self.state.to(sae.W_dec.device)
         self.holder = nn.ModuleDict({"sae": sae, "state": self.state})  # what checkpoints hold
+        # normalize="whiten": the fit trains in whitened coordinates
+        self.whitening: Whitening | None = self.state.whitening if self.cfg.normalize == "whiten" else None
+        self._white: tuple[Tensor, Tensor] | None = None  # float32 copies of its mean and matrix
+        self.whitened = False  # whether the SAE's weights are in whitened coordinates now
         self.rank, self.world = _dist()
         p = sae.W_dec
         fused = p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.bfloat16,
@@ -257,7 +269,7 @@ class Trainer:
     def initialise(self, x: Tensor) -> None:
         """Input scale, unit decoder rows and b_dec from the first batch (summed over ranks)."""
         sae = self.sae
-        x = self._checked(0, x).to(sae.W_dec.device, torch.float32)
+        x = self._whiten(self._checked(0, x).to(sae.W_dec.device, torch.float32))
         sums = torch.cat([x.norm(dim=-1).sum()[None], x.sum(0), x.new_tensor([x.shape[0]])])
         if self.world > 1:
             _all_reduce(sums)
@@ -273,6 +285,44 @@ class Trainer:
             raise ValueError(f"SAE.fit: batch {step} is {got}; expected a (tokens, d_in={self.cfg.d_in}) tensor")
         return x
 
+    @torch.no_grad()
+    def enter_whitened(self, batches: list[Tensor], fresh: bool) -> None:
+        """Move the SAE into whitened coordinates before its first step: with the statistics of its earlier
+        whitened fit when it has them (the exact inverse of that fit's fold; `batches` unused), else with ones
+        estimated from `batches` (all ranks); a trained SAE is then rewritten in them (input_scale folded in,
+        `unfold`, unit decoder rows)."""
+        sae, w = self.sae, self.whitening
+        self._white = None
+        if w.estimated:
+            unfold(sae, w)
+            self.whitened = True
+            return
+        w.estimate([self._checked(i, b) for i, b in enumerate(batches)], self.cfg.whiten_eps,
+                   reduce=_all_reduce if self.world > 1 else None)
+        if not fresh:
+            s = sae.input_scale.clone()
+            sae.W_enc.mul_(s)
+            sae.W_dec.div_(s)
+            sae.b_dec.div_(s)
+            sae.input_scale.fill_(1.0)
+            unfold(sae, w)
+            fold_decoder_norms(sae)
+        self.whitened = True
+
+    def _whiten(self, x: Tensor) -> Tensor:
+        if self.whitening is None:
+            return x
+        if self._white is None:
+            self._white = (self.whitening.mean.float(), self.whitening.matrix.float())
+        mean, m = self._white
+        return ((x.float() - mean) @ m).to(x.dtype)
+
+    def fold_whitening(self) -> None:
+        """At the end of a fit: the whitening goes into the weights (`_sae_whiten.fold`)."""
+        if self.whitened:
+            fold(self.sae, self.whitening)
+            self.whitened = False
+
     def lr(self, step: int) -> float:
         hold = 1.0 if self.cfg.lr_schedule == "constant" else 0.0
         return cosine_lr(step, self.total, self.cfg.lr, self.cfg.warmup_steps, hold)
@@ -281,7 +331,7 @@ class Trainer:
         sae, cfg, state = self.sae, self.cfg, self.state
         for g in self.opt.param_groups:
             g["lr"] = self.lr(step)
-        x = self._checked(step, x).to(sae.W_dec.device, sae.W_dec.dtype, non_blocking=True)
+        x = self._whiten(self._checked(step, x).to(sae.W_dec.device, sae.W_dec.dtype, non_blocking=True))
         use_aux = cfg.aux_k > 0 and cfg.aux_coefficient > 0
         # no feature can be dead before dead_tokens tokens: skip the mask, and the host sync its count costs
         if self._seen is None:
@@ -443,32 +493,47 @@ def fit(sae, data, *, name: str | None = None, tokens: int | None = None, steps:
     fresh = sae._fit_state is None and start == 0
     object.__setattr__(sae, "_fit_state", trainer.state)  # not a submodule: stays out of the SAE's weights
     it = source.iterate(start, total)
-    if fresh:
-        first = next(it, None)
-        if first is None:
-            raise ValueError("SAE.fit: the data source gave no batch")
-        trainer.initialise(first)
-        it = itertools.chain([first], it)
-    sae.train()
-    from tqdm.auto import tqdm
-
     t0, last = time.perf_counter(), start
-    with tqdm(total=total, initial=start, desc=f"SAE {sae.cfg.architecture}", dynamic_ncols=True, mininterval=1.0,
-              disable=not progress or rank != 0) as bar:
-        for step, x in zip(range(start, total), it):
-            out = trainer.step(step, x)
-            last = step + 1
-            if not bar.disable and (step % 10 == 0 or last == total):
-                bar.set_postfix(loss=f"{float(out['loss']):.4g}", L0=f"{float(out['l0']) / x.shape[0]:.1f}",
-                                EV=f"{explained_variance(out['recon'], out['target']):.3f}", refresh=False)
-            bar.update(1)
-            if ckpt is not None and rank == 0 and (last % every == 0 or last == total):
+    try:
+        if trainer.whitening is not None and start > 0:  # a resumed run: weights and statistics from the checkpoint
+            trainer.whitened = True
+        elif trainer.whitening is not None:
+            peek = []
+            if not trainer.whitening.estimated:
+                peek = list(itertools.islice(it, max(1, math.ceil(sae.cfg.whiten_tokens / sae.cfg.batch_size))))
+                if not peek:
+                    raise ValueError("SAE.fit: the data source gave no batch")
+            trainer.enter_whitened(peek, fresh)
+            if peek:  # trained on too: a store or a callable gives them again, an iterable is read once: kept
+                it = itertools.chain(peek, it) if source.kind == "iterable" else source.iterate(start, total)
+            del peek
+        if fresh:
+            first = next(it, None)
+            if first is None:
+                raise ValueError("SAE.fit: the data source gave no batch")
+            trainer.initialise(first)
+            it = itertools.chain([first], it)
+        sae.train()
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, initial=start, desc=f"SAE {sae.cfg.architecture}", dynamic_ncols=True, mininterval=1.0,
+                  disable=not progress or rank != 0) as bar:
+            for step, x in zip(range(start, total), it):
+                out = trainer.step(step, x)
+                last = step + 1
+                if not bar.disable and (step % 10 == 0 or last == total):
+                    bar.set_postfix(loss=f"{float(out['loss']):.4g}", L0=f"{float(out['l0']) / x.shape[0]:.1f}",
+                                    EV=f"{explained_variance(out['recon'], out['target']):.3f}", refresh=False)
+                bar.update(1)
+                if ckpt is not None and rank == 0 and (last % every == 0 or last == total):
+                    ckpt.save(last, trainer.holder, trainer.opt, extra={"config": cfg_doc, "total": total})
+        if last < total:
+            warnings.warn(f"SAE.fit: the data ran out after {last} of {total} steps")
+            if ckpt is not None and rank == 0:
                 ckpt.save(last, trainer.holder, trainer.opt, extra={"config": cfg_doc, "total": total})
-    if last < total:
-        warnings.warn(f"SAE.fit: the data ran out after {last} of {total} steps")
-        if ckpt is not None and rank == 0:
-            ckpt.save(last, trainer.holder, trainer.opt, extra={"config": cfg_doc, "total": total})
-    sae.eval()
+    finally:  # also when the run raises: the SAE in memory stays one that reads raw activations
+        trainer.fold_whitening()
+        sae.eval()
     sae.fit_seconds_ = round(time.perf_counter() - t0, 3)
     return sae
 

@@ -21,7 +21,9 @@ the first features instead of being absorbed into specific ones (a red square). 
     SAEConfig(d_in=128, d_sae=2048, architecture="batchtopk", k=16, matryoshka_widths=[128, 512, 2048])
 
 Inputs are multiplied by `input_scale` before encoding and outputs divided by it (`normalize="expected_norm"` sets
-it so the mean input norm is sqrt(d_in): one learning rate for every site).
+it so the mean input norm is sqrt(d_in): one learning rate for every site). `normalize="whiten"` trains on whitened
+activations, so low-variance directions get features too, and folds the whitening into the weights at the end of
+the fit (`_sae_whiten`): the fitted SAE reads raw activations like any other, its decoder rows not unit norm.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 LR_SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+NORMALIZE = ("none", "expected_norm", "whiten")
 
 
 @dataclasses.dataclass
@@ -56,8 +59,9 @@ class SAEConfig:
     Matryoshka SAE (every architecture): each prefix of the features must reconstruct the input alone (training only;
     `encode`/`decode` are unchanged). `matryoshka_aux`: the aux loss per level instead, each band's dead features
     reconstructing the error of their own prefix (SAELens's `use_matryoshka_aux_loss`). `hook_name`: the canonical
-    site the SAE reads; `normalize`: "none" or "expected_norm" (see the module docstring); `dtype`: the parameters'
-    dtype."""
+    site the SAE reads; `normalize`: "none", "expected_norm" or "whiten" (see the module docstring; `whiten_eps`: the
+    eigenvalue floor as a share of the mean eigenvalue, `whiten_tokens`: tokens read to estimate the covariance);
+    `dtype`: the parameters' dtype."""
 
     d_in: int
     d_sae: int
@@ -75,6 +79,8 @@ class SAEConfig:
     warmup_steps: int = 100
     seed: int = 0
     normalize: str = "expected_norm"
+    whiten_eps: float = 0.01
+    whiten_tokens: int = 100_000
     hook_name: str | None = None
     dtype: str = "float32"
     lr_schedule: str = "cosine"
@@ -89,8 +95,11 @@ class SAEConfig:
             raise ValueError(f"d_in and d_sae must be >= 1; got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
             raise ValueError(f"k={self.k}: a {self.architecture} SAE needs 1 <= k <= d_sae ({self.d_sae})")
-        if self.normalize not in ("none", "expected_norm"):
-            raise ValueError(f"normalize={self.normalize!r}; allowed: 'none', 'expected_norm'")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize={self.normalize!r}; allowed: {NORMALIZE}")
+        if not self.whiten_eps > 0 or self.whiten_tokens < 1:
+            raise ValueError(f"whiten_eps > 0 and whiten_tokens >= 1 are needed; got whiten_eps={self.whiten_eps}, "
+                             f"whiten_tokens={self.whiten_tokens}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}; allowed: {LR_SCHEDULES}")
         if self.dtype not in DTYPES:
@@ -237,7 +246,7 @@ class SAE(nn.Module):
         stats = {k[len("stats."):]: v for k, v in tensors.items() if k.startswith("stats.")}
         sae.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("stats.")}, strict=True)
         if stats:
-            state = FitState(cfg.d_sae)
+            state = FitState(cfg.d_sae, cfg.d_in if any(k.startswith("whitening.") for k in stats) else None)
             state.load_state_dict(stats, strict=True)
             object.__setattr__(sae, "_fit_state", state)
         return sae
