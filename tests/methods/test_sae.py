@@ -288,8 +288,10 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path, arch, widths):
 
 def test_fit_input_errors():
     sae = SAE(SAEConfig(d_in=8, d_sae=16, k=2, batch_size=4))
-    with pytest.raises(ValueError, match="steps= or tokens="):
+    with pytest.raises(ValueError, match="a callable data source needs steps= or tokens="):
         sae.fit(lambda s: torch.randn(4, 8), progress=False)
+    with pytest.raises(ValueError, match="an iterable data source needs steps= or tokens="):
+        sae.fit(iter([torch.randn(4, 8)]), progress=False)
     with pytest.raises(ValueError, match="expected a \\(tokens, d_in=8\\) tensor"):
         sae.fit([torch.randn(4, 9)], progress=False)
     with pytest.raises(TypeError, match="ActivationStore, an iterable"):

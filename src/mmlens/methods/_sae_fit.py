@@ -448,7 +448,8 @@ class _Source:
             elif self.kind == "iterable" and hasattr(self.data, "__len__"):
                 steps = len(self.data)
             else:
-                raise ValueError(f"SAE.fit: a {self.kind} data source needs steps= or tokens=")
+                article = "an" if self.kind == "iterable" else "a"
+                raise ValueError(f"SAE.fit: {article} {self.kind} data source needs steps= or tokens=")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"SAE.fit: steps must be a positive int; got {steps!r}")
         return steps
