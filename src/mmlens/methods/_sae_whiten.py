@@ -88,21 +88,23 @@ class Whitening(nn.Module):
         return self
 
 
-@torch.no_grad()
 def fold(sae, w: Whitening) -> None:
     """Whitened-coordinate weights -> raw-coordinate weights computing the same function."""
-    M, Minv, mean = (t.to(sae.W_enc.device) for t in (w.matrix, w.inverse, w.mean))
-    dt = sae.W_enc.dtype
-    sae.W_enc.copy_((M @ sae.W_enc.double()).to(dt))
-    sae.W_dec.copy_((sae.W_dec.double() @ Minv).to(dt))
-    sae.b_dec.copy_((sae.b_dec.double() @ Minv + mean).to(dt))
+    _change(sae, w.matrix, w.inverse, before=None, after=w.mean)
+
+
+def unfold(sae, w: Whitening) -> None:
+    """The inverse of `fold`: raw-coordinate weights -> whitened ones computing the same function."""
+    _change(sae, w.inverse, w.matrix, before=-w.mean, after=None)
 
 
 @torch.no_grad()
-def unfold(sae, w: Whitening) -> None:
-    """The inverse of `fold`: raw-coordinate weights -> whitened ones computing the same function."""
-    M, Minv, mean = (t.to(sae.W_enc.device) for t in (w.matrix, w.inverse, w.mean))
-    dt = sae.W_enc.dtype
-    sae.W_enc.copy_((Minv @ sae.W_enc.double()).to(dt))
-    sae.W_dec.copy_((sae.W_dec.double() @ M).to(dt))
-    sae.b_dec.copy_(((sae.b_dec.double() - mean) @ M).to(dt))
+def _change(sae, enc: Tensor, dec: Tensor, before: Tensor | None, after: Tensor | None) -> None:
+    """W_enc <- enc W_enc, W_dec <- W_dec dec, b_dec <- (b_dec + before) dec + after, in float64."""
+    dev, dt = sae.W_enc.device, sae.W_enc.dtype
+    enc, dec = enc.to(dev), dec.to(dev)
+    b = sae.b_dec.double() + (before.to(dev) if before is not None else 0)
+    b = b @ dec + (after.to(dev) if after is not None else 0)
+    sae.W_enc.copy_((enc @ sae.W_enc.double()).to(dt))
+    sae.W_dec.copy_((sae.W_dec.double() @ dec).to(dt))
+    sae.b_dec.copy_(b.to(dt))
