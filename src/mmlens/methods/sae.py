@@ -59,8 +59,8 @@ class SAEConfig:
     Matryoshka SAE (every architecture): each prefix of the features must reconstruct the input alone (training only;
     `encode`/`decode` are unchanged). `matryoshka_aux`: the aux loss per level instead, each band's dead features
     reconstructing the error of their own prefix (SAELens's `use_matryoshka_aux_loss`). `hook_name`: the canonical
-    site the SAE reads; `normalize`: "none", "expected_norm" or "whiten" (see the module docstring; `whiten_eps`: added to
-    every covariance eigenvalue, as a share of their mean; `whiten_tokens`: tokens read to estimate the covariance);
+    site the SAE reads; `normalize`: "none", "expected_norm" or "whiten" (see the module docstring; `whiten_eps`:
+    added to every covariance eigenvalue, as a share of their mean; `whiten_tokens`: tokens read for the covariance);
     `dtype`: the parameters' dtype."""
 
     d_in: int
