@@ -945,9 +945,8 @@ def _generator_image(generator, latent, n: int, init) -> tuple[GeneratorImage, t
     return image, (int(out.shape[-2]), int(out.shape[-1]))
 
 
-__all__ = ["DatasetExamples", "FeatureVizResult", "FourierImage", "GeneratorImage", "ImageParam", "Jitter", "Objective",
-           "PixelImage",
-           "Rotate", "Scale", "apply_transforms", "correlate_colours", "custom", "dataset_examples",
-           "decorrelate_colours", "default_transforms", "direction", "diversity_term", "frequencies",
-           "image_to_spectrum", "preprocessing", "qwen_patchify", "spectrum_scale", "spectrum_to_image", "unit",
-           "vae_decoder", "vae_latents", "visualize"]
+__all__ = ["DatasetExamples", "FeatureVizResult", "FourierImage", "GeneratorImage", "ImageParam", "Jitter",
+           "Objective", "PixelImage", "Rotate", "Scale", "apply_transforms", "correlate_colours", "custom",
+           "dataset_examples", "decorrelate_colours", "default_transforms", "direction", "diversity_term",
+           "frequencies", "image_to_spectrum", "preprocessing", "qwen_patchify", "spectrum_scale", "spectrum_to_image",
+           "unit", "vae_decoder", "vae_latents", "visualize"]
