@@ -118,8 +118,8 @@ def clip_setup(n_train: int = 1200, n_test: int = 240, d_sae: int = 512, k: int 
     held-out single-object scenes on random textures, with the AuxK loss on features silent for `dead_tokens`;
     codes of other scenes, streamed. One SAE per seed on the same store: which colours get a feature of their own
     varies between seeds, so the colour score is the median over them. Cached: the SAE scores, metrics and dashboard
-    share the fits (metrics and dashboard: the first seed's SAE; the store stays open in a temporary folder for the
-    process). 3 epochs without AuxK (the earlier recipe) left green, yellow and purple at 0.83-0.89. Trained on
+    share the fits (metrics: the first seed's SAE; dashboards: each seed's, the median scored; the store stays open
+    in a temporary folder for the process). 3 epochs without AuxK (the earlier recipe) left green, yellow and purple at 0.83-0.89. Trained on
     whitened activations (`normalize="whiten"`, folded back after the fit): the site's covariance spans ~3,000x
     between its top and median eigenvalues, and without whitening the MSE left orange and yellow, which differ from
     red along low-variance directions, without a feature of their own (medians 0.891 and 0.944)."""
@@ -180,11 +180,14 @@ def clip_colour_rows(seed_index: int = 0) -> tuple[dict, ...]:
     return tuple(rows)
 
 
-def median_over_seeds(per_seed: list[list[dict]], seeds, src: str) -> list[dict]:
-    """Per concept line (all but each list's last, the distinct-features line): the median seed's line, valued at the
-    median, with every seed's value; then, for lines with a bar, how many concepts pass in each seed."""
+def median_over_seeds(per_seed: list[list[dict]], seeds, src: str, summary: bool = True, what: str | None = None
+                      ) -> list[dict]:
+    """Per concept line (all but each list's last when `summary`: the distinct-features line): the median seed's
+    line, valued at the median, with every seed's value; then, for lines with a bar, how many concepts pass in each
+    seed (named `what`, by default the lines' metric before "_auroc")."""
+    n = len(per_seed[0]) - summary
     out = []
-    for j in range(len(per_seed[0]) - 1):
+    for j in range(n):
         rows = [p[j] for p in per_seed]
         values = [r["value"] for r in rows]
         at = int(np.argsort(values)[len(values) // 2])
@@ -196,10 +199,10 @@ def median_over_seeds(per_seed: list[list[dict]], seeds, src: str) -> list[dict]
     first = per_seed[0][0]
     if first["threshold"] is None:
         return out
-    what = first["metric"].split("_auroc")[0]
-    passes = [sum(r["value"] >= r["threshold"] for r in p[:-1]) for p in per_seed]
+    what = what or first["metric"].split("_auroc")[0]
+    passes = [sum(r["value"] >= r["threshold"] for r in p[:n]) for p in per_seed]
     out.append(line(first["technique"], first["organism"], f"{what}_passes_per_seed", min(passes), None,
-                    per_seed=passes, source=f"reported: how many of the {len(per_seed[0]) - 1} concepts pass the bar "
+                    per_seed=passes, source=f"reported: how many of the {n} concepts pass the bar "
                                             f"in each seed's SAE (value: the fewest); {src}"))
     return out
 
@@ -276,16 +279,16 @@ def metrics_clip() -> list[dict]:
             line("sae_metrics", "clip", "dead_fraction", m.dead_fraction, None, source=c["src"])]
 
 
-def score_dashboard() -> list[dict]:
-    """The dashboard of each colour's best clip feature: the share of its top-16 patches over the training store
-    that lie on an object of that colour (ground truth from the scenes)."""
+def dashboard_rows(seed_index: int = 0) -> list[dict]:
+    """One seed's dashboards of each colour's best clip feature: the share of its top-16 patches over the training
+    store that lie on an object of that colour (ground truth from the scenes)."""
     from mmlens.methods import feature_dashboard
     from mmlens.world.scene import COLOURS
 
     c = clip_setup()
-    feats = [r["feature"] for r in clip_colour_rows()[:-1]]
-    dash = feature_dashboard(c["lens"], c["sae"], c["store"], list(dict.fromkeys(feats)), k=16, images=[s.image for s in c["train"]],
-                             progress=False)
+    feats = [r["feature"] for r in clip_colour_rows(seed_index)[:-1]]
+    dash = feature_dashboard(c["lens"], c["saes"][seed_index], c["store"], list(dict.fromkeys(feats)), k=16,
+                             images=[s.image for s in c["train"]], progress=False)
     labels = np.array(_patch_labels(c["train"], 8, 8, "colour"), dtype=object).reshape(len(c["train"]), 64)
     out = []
     for colour, f in zip(COLOURS, feats):
@@ -295,9 +298,17 @@ def score_dashboard() -> list[dict]:
         out.append(line("sae_dashboard", "clip", f"top16_in_colour_images[{colour}]", in_image, 0.9, feature=f,
                         on_the_object=round(on_object, 4),
                         source="issue 13: the dashboard's top-activating patches of the colour's best feature (over "
-                               "the training store) come from images of that colour; bar 0.9. on_the_object: the share "
-                               "on the object's own cells (block 2 spreads colour over an image's patches)"))
+                               "the training store) come from images of that colour; bar 0.9; the median over the "
+                               "seeds' SAEs, as the colour score. on_the_object: the share on the object's own cells "
+                               "(block 2 spreads colour over an image's patches)"))
     return out
+
+
+def score_dashboard() -> list[dict]:
+    """The dashboards' score, per seed's SAE and at the median seed, as the colour score they show."""
+    c = clip_setup()
+    per_seed = [dashboard_rows(i) for i in range(len(c["seeds"]))]
+    return median_over_seeds(per_seed, c["seeds"], c["src"], summary=False, what="top16_in_colour_images")
 
 
 @functools.lru_cache(maxsize=None)
