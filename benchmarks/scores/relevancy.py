@@ -49,14 +49,17 @@ def _lines(organism: str, results: dict, masks: np.ndarray, n: int, what: str) -
                         map_size=list(res.maps.shape[-2:]),
                         source=src + f"; bar: chance = mean mask area / image area = {area:.3f} (a peak placed at "
                         "random hits the mask that often)"))
-        out.append(line(tech, organism, f"miou_{method}", miou, round(chance, 4), n=n, method=method,
-                        source=src + f"; mIoU of the map thresholded at 0.4 of its range (DAAM's rule); bar: chance = "
-                        f"{chance:.3f}, the better of random maps at the same resolution and the whole image marked"))
+        out.append(line(tech, organism, f"miou_{method}", miou, None, n=n, method=method, chance=round(chance, 4),
+                        source="reported, no bar: " + src + "; mIoU of the map thresholded at 0.4 of its range "
+                        "(DAAM's rule for attention maps, scored in word_maps; a heavy-tailed pixel-gradient map keeps "
+                        f"only its few peak pixels by it); chance = {chance:.3f}, the better of random maps at the "
+                        "same resolution and the whole image marked"))
         chance_mean = _chance_iou(res, masks, threshold="mean")
         out.append(line(tech, organism, f"miou_mean_threshold_{method}", res.iou(masks, 0, "mean").mean().item(),
                         round(chance_mean, 4), n=n, method=method,
-                        source=src + "; mIoU of the map thresholded at its own mean (Chefer et al. 2021's segmentation "
-                        f"test; kinder to heavy-tailed pixel maps); bar: chance by the same rule = {chance_mean:.3f}"))
+                        source=src + "; mIoU of the map thresholded at its own mean: the segmentation test of Chefer "
+                        "et al. 2021, which binarises every method it compares (relevancy, rollout, Grad-CAM, "
+                        f"gradients) this way; bar: chance by the same rule = {chance_mean:.3f}"))
     return out
 
 
