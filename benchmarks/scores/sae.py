@@ -115,14 +115,14 @@ def _alignment(codes, labels: np.ndarray, concepts, technique, organism, what, b
 def clip_setup(n_train: int = 1200, n_test: int = 240, d_sae: int = 512, k: int = 8, epochs: int = 10,
                dead_tokens: int = 50_000, seeds: tuple[int, ...] = (0, 1, 2)):
     """clip organism, vision.blocks.2.resid_post (CLS and 64 patch tokens per image): a TopK SAE fit from a store of
-    held-out single-object scenes on random textures, with the AuxK loss on features silent for `dead_tokens`;
-    codes of other scenes, streamed. One SAE per seed on the same store: which colours get a feature of their own
-    varies between seeds, so the colour score is the median over them. Cached: the SAE scores, metrics and dashboard
-    share the fits (metrics: the first seed's SAE; dashboards: each seed's, the median scored; the store stays open
-    in a temporary folder for the process). 3 epochs without AuxK (the earlier recipe) left green, yellow and purple at 0.83-0.89. Trained on
-    whitened activations (`normalize="whiten"`, folded back after the fit): the site's covariance spans ~3,000x
-    between its top and median eigenvalues, and without whitening the MSE left orange and yellow, which differ from
-    red along low-variance directions, without a feature of their own (medians 0.891 and 0.944)."""
+    held-out single-object scenes on random textures, with the AuxK loss on features silent for `dead_tokens`; codes of
+    other scenes, streamed. One SAE per seed on the same store: which colours get a feature of their own varies between
+    seeds, so the colour score is the median over them. Cached: the SAE scores, metrics and dashboard share the fits
+    (metrics: the first seed's SAE; dashboards: each seed's, the median scored; the store stays open in a temporary
+    folder for the process). 3 epochs without AuxK (the earlier recipe) left green, yellow and purple at 0.83-0.89.
+    Trained on whitened activations (`normalize="whiten"`, folded back after the fit): the site's covariance spans
+    ~3,000x between its top and median eigenvalues, and without whitening the MSE left orange and yellow, which differ
+    from red along low-variance directions, without a feature of their own (medians 0.891 and 0.944)."""
     import mmlens.organisms as organisms
     from mmlens.methods import SAE, SAEConfig
     from mmlens.store import write_activations
